@@ -1,0 +1,45 @@
+"""L-SNet engine: plain Python + PyTorch, never imports ``slicer``.
+
+The same code path serves the 3D Slicer module, the ``lsnet`` command line and Python users::
+
+    import lsnet
+    model = lsnet.load_model()                      # bundled default weights
+    result = lsnet.segment_file("ct.nii.gz", model)  # or lsnet.segment_volume(volume, model)
+    lsnet.write_outputs(result, "out/")
+
+See ``docs/conventions.md`` for coordinate conventions and ``docs/method.md`` for how each paper
+equation maps onto a module.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: F401
+    CancelledError,
+    DeviceError,
+    InputError,
+    LSNetError,
+    OutputError,
+    WeightsError,
+)
+
+
+def __getattr__(name):
+    # Lazy re-exports: importing ``lsnet`` must stay cheap and must not import torch (the Slicer
+    # module imports lsnet helpers before PyTorch is installed).
+    if name in {"segment_volume", "segment_file", "segment_slice", "segment_box", "Segmenter"}:
+        from . import api
+
+        return getattr(api, name)
+    if name in {"load_model", "save_model", "read_model_card", "default_weights_path"}:
+        from . import weights
+
+        return getattr(weights, name)
+    if name in {"read_volume", "Volume"}:
+        from . import volume
+
+        return getattr(volume, name)
+    if name == "write_outputs":
+        from . import outputs
+
+        return outputs.write_outputs
+    raise AttributeError(f"module 'lsnet' has no attribute {name!r}")

@@ -1,0 +1,81 @@
+"""Architecture and preprocessing configuration, stored verbatim in every model card.
+
+Values marked *paper* come from Xie et al., "L-SNet" (section 2 and 3.1).  Values marked *open* are
+choices the paper leaves open; the reason for each is given next to it and collected in
+``docs/method.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network and to preprocess its input."""
+
+    architecture: str = "lsnet"
+    """Which network family the weights belong to (``lsnet``; other seed systems add their own)."""
+
+    # --- L-Net (paper section 2.1) ---------------------------------------------------------------
+    lnet_backbone: str = "resnet18"  # paper: ResNet18 for the first stage
+    # --- S-Net (paper section 2.3) ---------------------------------------------------------------
+    snet_backbone: str = "resnet34"  # paper: ResNet34 for the second stage
+    snet_structure: str = "unet"  # paper: "U-Net" or "FCN" basic structure (Table 1)
+    width: int = 64
+    """Channels of the first ResNet stage. 64 = torchvision ResNet (paper). *open*: the bundled model
+    uses a narrower network (32) so that the weights stay a git-friendly size and match the small
+    amount of real data we can train on."""
+    in_channels: int = 1
+    """1 = one isolated axial slice (paper). 3 = 2.5-D (slice k-1, k, k+1 as channels), opt-in."""
+    num_classes: int = 1
+    """Foreground classes segmented by S-Net (C in M* of section 2.3); 1 = binary (pancreas)."""
+
+    # --- RoI recalibration (section 2.2) ---------------------------------------------------------
+    roi_size: int = 320  # paper: S-Net input H x W = 320 x 320
+    alpha: float = 15.0  # paper: border margin alpha = 15 px (in L-Net input pixels), Eq. 3
+    gamma: float = 0.1  # paper: decay of S-Net -> L-Net gradients
+
+    # --- targets (section 2.1, Eq. 1) ------------------------------------------------------------
+    delta: float = 20.0  # paper: Gaussian "variance" delta = 20 (in heatmap cells)
+    beta: float = 2.0  # paper: tolerance beta = 2 (heatmap cells)
+
+    # --- losses (section 2.5, Eqs. 5-6) ----------------------------------------------------------
+    lam: float = 0.5  # paper: lambda
+    dice_weight: float = 0.2  # paper: L_cls = Focal + 0.2 Dice
+    focal_alpha: float = 0.25  # *open*: Lin et al. default
+    focal_gamma: float = 2.0  # *open*: Lin et al. default
+
+    # --- inference (section 2.5) -----------------------------------------------------------------
+    heatmap_threshold: float = 0.5  # paper
+    mask_threshold: float = 0.5  # *open*: S-Net probability -> mask
+    min_box_size: float = 4.0
+    """*open*: lower bound (input px) on l+r and t+b so a degenerate regression cannot produce a
+    zero-area RoI (theta would be singular)."""
+
+    # --- preprocessing (*open*: the paper does not say) --------------------------------------------
+    window: tuple = (0.0, 255.0)
+    """HU window mapped to [0, 1]. [0, 255] HU is the window of the public 2-D NIH slice set
+    (../shared/data/pancreas-ct-slices) and keeps all soft tissue; the bundled model is trained on it."""
+    spacing: float = 1.25
+    """In-plane pixel size (mm) every slice is resampled to before L-Net; see ``preprocess.py``."""
+    pad_multiple: int = 32  # L-Net downsamples 5 times
+
+    labels: list = field(default_factory=lambda: [{"value": 1, "name": "Pancreas", "snomed": "15776009"}])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["window"] = list(self.window)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        d = dict(d)
+        if "window" in d:
+            d["window"] = tuple(float(v) for v in d["window"])
+        return cls(**d)
