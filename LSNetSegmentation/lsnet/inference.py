@@ -1,0 +1,261 @@
+"""Volume inference: canonical axial slices streamed in batches through L-Net -> decode -> RR -> S-Net -> theta^-1.
+
+Memory is bounded by the batch, not by the volume: the input stays in its own array (the canonical
+view is a view), slices are windowed/resampled per batch on the compute device, and outputs are
+written straight into preallocated ``uint8`` mask (and optional ``float32`` heatmap) arrays in the
+input's order.  Nothing per slice is kept except the RoI boxes.
+
+Merging several RoIs on one slice (the paper does not say): each RoI's S-Net probability map is pasted
+back with theta^-1 (0 outside the RoI) and the slice probability is the pixel-wise **maximum** over
+its RoIs; the mask is ``probability > mask_threshold``.  Max never lets a confident RoI be diluted by an
+overlapping one that does not cover the organ.
+
+Speed on CUDA: bf16 autocast, channels-last, decoding and pasting on the GPU, S-Net skipped for batches
+without RoIs, one host copy per batch.  CUDA out-of-memory halves the batch and retries; at batch 1 it
+falls back to the CPU with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .decode import decode
+from .device import describe, resolve_device
+from .errors import CancelledError, InputError
+from .preprocess import SliceGrid, canvas_to_original, slice_grid, stack_channels, to_canvas, window
+from .recalibration import paste_back, recalibrate, theta_from_box, theta_from_xyxy
+from .results import RoiBox, SegmentationResult
+
+log = logging.getLogger("lsnet")
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+class Segmenter:
+    """Runs a loaded L-SNet on volumes, slices or user boxes. One instance per model and device.
+
+    Args:
+        model: an ``LSNet`` (e.g. from ``weights.load_model``) — or None to load ``weights``.
+        weights: path of a .safetensors file (default: the bundled model) when ``model`` is None.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: slices per batch.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+    """
+
+    def __init__(self, model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True, card: Optional[dict] = None):
+        from .weights import load_model
+
+        self.device = resolve_device(device)
+        if model is None:
+            model, card = load_model(weights, device="cpu")
+        self.card = card or {"name": "in-memory model", "config": model.config.to_dict()}
+        self.model = model.eval()
+        self.config: ModelConfig = model.config
+        self.batch_size = max(1, int(batch_size))
+        self.amp = amp
+        self._to_device(self.device)
+
+    def _to_device(self, device: torch.device) -> None:
+        self.device = device
+        self.model.to(device)
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ the per-batch core
+    @torch.inference_mode()
+    def _run_batch(self, raw: np.ndarray, grid: SliceGrid, want_heatmap: bool):
+        """``raw`` ``(B, C, H0, W0)`` HU -> mask ``(B, H0, W0)`` uint8, heatmap ``(B, H0, W0)`` or None, RoIs on the original grid."""
+        c = self.config
+        dev = self.device
+        x = torch.from_numpy(np.ascontiguousarray(raw)).to(dev, non_blocking=True)
+        x = to_canvas(window(x, c.window), grid)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits, T = self.model.lnet(x)
+        heat = torch.sigmoid(logits.float())
+        T = T.float()
+        rois = decode(heat, T, c.heatmap_threshold, c.min_box_size)
+        b = raw.shape[0]
+        h0, w0 = grid.original_hw
+        prob = torch.zeros(b, h0, w0, device=dev)
+        if len(rois):
+            theta = theta_from_box(rois.keypoints, rois.ltrb, grid.canvas_hw, c.alpha)
+            roi = recalibrate(x[rois.batch], theta, (c.roi_size, c.roi_size))
+            with self._autocast():
+                m = self.model.snet(roi)
+            p = torch.sigmoid(m.float()[:, :1])
+            pasted = paste_back(p, theta, (h0, w0), grid.paste_scale())[:, 0]
+            prob = prob.index_reduce_(0, rois.batch, pasted, "amax", include_self=True)
+        mask = (prob > c.mask_threshold).to(torch.uint8)
+        hm = canvas_to_original(heat, grid)[:, 0] if want_heatmap else None
+        boxes = grid.to_original_xyxy(rois.boxes) if len(rois) else rois.boxes
+        out = (
+            mask.cpu().numpy(),
+            hm.cpu().numpy() if hm is not None else None,
+            rois.batch.cpu().numpy(),
+            boxes.cpu().numpy(),
+            rois.scores.float().cpu().numpy(),
+        )
+        return out
+
+    def _run_batch_safe(self, raw, grid, want_heatmap):
+        """``_run_batch`` with the CUDA OOM policy: halve the batch, then fall back to the CPU."""
+        try:
+            return self._run_batch(raw, grid, want_heatmap)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if raw.shape[0] > 1:
+                half = raw.shape[0] // 2
+                self.batch_size = max(1, half)
+                log.warning("CUDA out of memory: retrying with batch size %d", self.batch_size)
+                a = self._run_batch_safe(raw[:half], grid, want_heatmap)
+                bb = self._run_batch_safe(raw[half:], grid, want_heatmap)
+                return (
+                    np.concatenate([a[0], bb[0]]),
+                    None if a[1] is None else np.concatenate([a[1], bb[1]]),
+                    np.concatenate([a[2], bb[2] + half]),
+                    np.concatenate([a[3], bb[3]]),
+                    np.concatenate([a[4], bb[4]]),
+                )
+            log.warning("CUDA out of memory even with batch size 1: falling back to the CPU (slower)")
+            self._to_device(torch.device("cpu"))
+            return self._run_batch(raw, grid, want_heatmap)
+
+    # ------------------------------------------------------------------ public API
+    def segment_volume(
+        self,
+        volume,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[threading.Event] = None,
+        heatmap: bool = True,
+        on_boxes: Optional[Callable[[int, list], None]] = None,
+    ) -> SegmentationResult:
+        """Segment a :class:`lsnet.geometry.Volume` (any orientation; a 1-slice volume is fine).
+
+        ``progress(done_slices, total_slices, info)`` is called after every batch; setting ``cancel``
+        stops at the next batch with :class:`CancelledError` (nothing is returned or written).
+        ``on_boxes(slice_index, [RoiBox])`` is called for every slice with RoIs as soon as it is done.
+        """
+        from .geometry import to_canonical
+
+        t0 = time.perf_counter()
+        check_volume_values(volume.array)
+        can, reo = to_canonical(volume)
+        arr = can.array
+        k, h0, w0 = arr.shape
+        spacing_xy = (float(can.spacing[0]), float(can.spacing[1]))
+        grid = slice_grid((h0, w0), spacing_xy, self.config.spacing, self.config.pad_multiple)
+        mask = np.zeros(volume.array.shape, dtype=np.uint8)
+        mask_c = reo.to_canonical_array(mask)
+        heat = np.zeros(volume.array.shape, dtype=np.float32) if heatmap else None
+        heat_c = reo.to_canonical_array(heat) if heatmap else None
+        boxes: list[RoiBox] = []
+        margin = self.config.alpha / grid.f[0]
+        timings = {"preprocess": time.perf_counter() - t0, "network": 0.0, "postprocess": 0.0}
+        start = 0
+        while start < k:
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("Segmentation cancelled; nothing was written.")
+            stop = min(k, start + self.batch_size)
+            raw = stack_channels(arr, start, stop, self.config.in_channels)
+            t1 = time.perf_counter()
+            m, hm, bidx, bxy, sc = self._run_batch_safe(raw, grid, heatmap)
+            t2 = time.perf_counter()
+            mask_c[start:stop] = m
+            if heatmap:
+                heat_c[start:stop] = hm
+            new = [
+                RoiBox(int(start + bi), float(b[0]), float(b[1]), float(b[2]), float(b[3]), float(s), margin)
+                for bi, b, s in zip(bidx, bxy, sc)
+            ]
+            boxes.extend(new)
+            if on_boxes is not None:
+                for s in sorted({bx.slice_index for bx in new}):
+                    on_boxes(s, [bx for bx in new if bx.slice_index == s])
+            timings["network"] += t2 - t1
+            timings["postprocess"] += time.perf_counter() - t2
+            start = stop
+            if progress is not None:
+                progress(start, k, {"rois": len(boxes)})
+        timings["total"] = time.perf_counter() - t0
+        return SegmentationResult(volume, mask, heat, boxes, reo, self.card, describe(self.device), timings)
+
+    def segment_file(self, path, **kwargs) -> SegmentationResult:
+        """Read ``path`` (NIfTI, NRRD, MHA, DICOM folder) and segment it; ``timings['read']`` is added."""
+        from .volume import read_volume
+
+        t0 = time.perf_counter()
+        vol = read_volume(path)
+        t_read = time.perf_counter() - t0
+        res = self.segment_volume(vol, **kwargs)
+        res.timings["read"] = t_read
+        return res
+
+    @torch.inference_mode()
+    def segment_box(self, volume, slice_index: int, box: RoiBox) -> tuple[np.ndarray, np.ndarray]:
+        """S-Net alone inside a user-given box on one canonical slice (interactive correction).
+
+        ``box`` is in the original canonical slice grid (like the boxes of a result); the RoI sampled
+        is the box plus the alpha margin, as during training.  Returns ``(mask (J, I) uint8,
+        probability (J, I) float32)`` on the canonical slice, zero outside the RoI.
+        """
+        from .geometry import to_canonical
+
+        can, _ = to_canonical(volume)
+        k = can.array.shape[0]
+        if not 0 <= slice_index < k:
+            raise InputError(f"Slice {slice_index} is outside the volume (0..{k - 1}).")
+        if not (box.x1 > box.x0 and box.y1 > box.y0):
+            raise InputError("The RoI box is empty: draw a box with a positive width and height.")
+        c = self.config
+        h0, w0 = can.array.shape[1:]
+        grid = slice_grid((h0, w0), (float(can.spacing[0]), float(can.spacing[1])), c.spacing, c.pad_multiple)
+        raw = stack_channels(can.array, slice_index, slice_index + 1, c.in_channels)
+        x = to_canvas(window(torch.from_numpy(np.ascontiguousarray(raw)).to(self.device), c.window), grid)
+        xyxy = grid.to_canvas_xyxy(torch.tensor([[box.x0, box.y0, box.x1, box.y1]], dtype=torch.float32, device=self.device))
+        theta = theta_from_xyxy(xyxy, grid.canvas_hw, c.alpha)
+        roi = recalibrate(x, theta, (c.roi_size, c.roi_size))
+        with self._autocast():
+            m = self.model.snet(roi)
+        p = paste_back(torch.sigmoid(m.float()[:, :1]), theta, (h0, w0), grid.paste_scale())[0, 0]
+        p = p.cpu().numpy()
+        return (p > c.mask_threshold).astype(np.uint8), p
+
+    def segment_slice(self, slice_hu: np.ndarray, spacing_xy=(1.0, 1.0)):
+        """One 2-D canonical slice ``(J, I)`` in HU -> ``(mask (J, I), heatmap (J, I), [RoiBox])``."""
+        from .geometry import Volume
+
+        a = np.asarray(slice_hu)
+        if a.ndim != 2:
+            raise InputError(f"segment_slice expects a 2-D slice (rows, columns); got shape {a.shape}.")
+        vol = Volume(a[None], (float(spacing_xy[0]), float(spacing_xy[1]), 1.0), (0.0, 0.0, 0.0), np.eye(3))
+        res = self.segment_volume(vol)
+        return res.mask[0], res.heatmap[0], res.boxes
+
+
+def check_volume_values(arr: np.ndarray) -> None:
+    """Refuse volumes the networks cannot handle (empty, non-finite) with an actionable message."""
+    if arr.ndim != 3 or min(arr.shape) == 0:
+        raise InputError(f"Expected a non-empty 3-D volume (slices, rows, columns); got shape {tuple(arr.shape)}.")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = 0
+        for k in range(arr.shape[0]):  # per slice: no full-volume temporary
+            bad += int(np.count_nonzero(~np.isfinite(arr[k])))
+        if bad:
+            raise InputError(
+                f"The volume contains {bad} NaN/infinite voxels. Fix or mask them (e.g. replace with -1024 HU) before segmenting."
+            )
