@@ -99,7 +99,9 @@ class Segmenter:
                 m = self.model.snet(roi)
             p = torch.sigmoid(m.float()[:, :1])
             pasted = paste_back(p, theta, (h0, w0), grid.paste_scale())[:, 0]
-            prob = prob.index_reduce_(0, rois.batch, pasted, "amax", include_self=True)
+            # merge rule (module docstring): pixel-wise max over the RoIs of a slice
+            idx = rois.batch.view(-1, 1).expand(-1, h0 * w0)
+            prob = prob.view(b, -1).scatter_reduce(0, idx, pasted.reshape(len(rois), -1), "amax").view(b, h0, w0)
         mask = (prob > c.mask_threshold).to(torch.uint8)
         hm = canvas_to_original(heat, grid)[:, 0] if want_heatmap else None
         boxes = grid.to_original_xyxy(rois.boxes) if len(rois) else rois.boxes
