@@ -1,0 +1,1 @@
+"""Stub of ``ctk`` (nothing is used at import time)."""

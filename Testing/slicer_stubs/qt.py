@@ -1,0 +1,1 @@
+"""Stub of PythonQt's ``qt`` module (nothing is used at import time)."""

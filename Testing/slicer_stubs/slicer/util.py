@@ -1,0 +1,3 @@
+class VTKObservationMixin:
+    def __init__(self):
+        self.Observations = []

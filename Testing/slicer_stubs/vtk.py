@@ -1,0 +1,1 @@
+"""Stub of ``vtk`` (nothing is used at import time)."""
