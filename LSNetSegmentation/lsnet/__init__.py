@@ -26,7 +26,7 @@ from .errors import (  # noqa: F401
 def __getattr__(name):
     # Lazy re-exports: importing ``lsnet`` must stay cheap and must not import torch (the Slicer
     # module imports lsnet helpers before PyTorch is installed).
-    if name in {"segment_volume", "segment_file", "segment_slice", "segment_box", "Segmenter"}:
+    if name in {"segment_volume", "segment_file", "segment_slice", "segment_box", "Segmenter", "load_segmenter"}:
         from . import api
 
         return getattr(api, name)

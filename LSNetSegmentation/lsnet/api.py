@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from .inference import Segmenter, check_volume_values  # noqa: F401
+from .seed_models import make_segmenter as load_segmenter  # noqa: F401  (any architecture's card)
 
 
 def segment_volume(volume, weights=None, device: str = "auto", batch_size: int = 8, **kwargs):
     """Segment a :class:`lsnet.geometry.Volume` with the bundled (or given) weights."""
-    return Segmenter(weights=weights, device=device, batch_size=batch_size).segment_volume(volume, **kwargs)
+    return load_segmenter(weights=weights, device=device, batch_size=batch_size).segment_volume(volume, **kwargs)
 
 
 def segment_file(path, weights=None, device: str = "auto", batch_size: int = 8, **kwargs):
     """Read an image file / DICOM folder and segment it."""
-    return Segmenter(weights=weights, device=device, batch_size=batch_size).segment_file(path, **kwargs)
+    return load_segmenter(weights=weights, device=device, batch_size=batch_size).segment_file(path, **kwargs)
 
 
 def segment_slice(slice_hu, spacing_xy=(1.0, 1.0), weights=None, device: str = "auto"):
     """Segment one 2-D canonical axial slice in HU."""
-    return Segmenter(weights=weights, device=device, batch_size=1).segment_slice(slice_hu, spacing_xy)
+    return load_segmenter(weights=weights, device=device, batch_size=1).segment_slice(slice_hu, spacing_xy)
 
 
 def segment_box(volume, slice_index, box, weights=None, device: str = "auto"):
     """S-Net only, inside a user box on one slice (interactive correction)."""
-    return Segmenter(weights=weights, device=device, batch_size=1).segment_box(volume, slice_index, box)
+    return load_segmenter(weights=weights, device=device, batch_size=1).segment_box(volume, slice_index, box)

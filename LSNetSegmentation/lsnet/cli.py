@@ -1,15 +1,23 @@
 """``lsnet`` command line: ``segment``, ``info``, ``demo``.
 
-Exit codes: 0 success, 2 user error (bad input, weights, device, existing outputs), 3 cancelled
-(Ctrl-C), 1 internal error (a bug: the message says how to get the traceback with ``--debug``).
+``lsnet segment`` takes an image file, a DICOM series folder, or -- batch mode (``lsnet.batch``) -- a
+folder holding several cases or a ``.csv`` case list (``--batch`` forces batch mode for a folder).
+``--dicom-seg`` also writes ``segmentation.dcm`` (``lsnet.dicom_seg``) for DICOM input; a non-CT
+DICOM series is refused unless ``--allow-non-ct`` (``lsnet.dicom_info`` has the input policies).
+
+Exit codes: 0 success, 2 user error (bad input, weights, device, existing outputs; in batch mode: any
+case failed), 3 cancelled (Ctrl-C), 1 internal error (a bug: the message says how to get the traceback
+with ``--debug``).
 ``--progress-json`` prints one JSON object per line on stdout (for the Slicer module's child process):
 ``{"event": "progress", "done": k, "total": n}``, ``{"event": "boxes", "slice": k, "boxes": [...]}``,
+in batch mode ``{"event": "case", "index": i, "total": n, "case": name, "status": ..., "message": ...}``,
 then ``{"event": "done", "outputs": {...}, "summary": {...}}`` or ``{"event": "error", "message": ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -32,6 +40,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--nifti", action="store_true", help="also write segmentation.nii.gz (labelmap)")
     p.add_argument("--no-heatmap", action="store_true", help="do not write heatmap.nrrd")
+    p.add_argument("--dicom-seg", action="store_true", help="also write segmentation.dcm (DICOM SEG referencing the source series; DICOM input only)")
+    p.add_argument("--allow-non-ct", action="store_true", help="segment a non-CT DICOM series (e.g. MR) anyway; the result is meaningless outside CT")
     p.add_argument("--progress-json", action="store_true", help="machine-readable progress on stdout (JSON lines)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -42,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = ap.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment a CT (NIfTI, NRRD, MHA or a DICOM series folder)")
-    seg.add_argument("input", help="image file or DICOM folder")
+    seg.add_argument("input", help="image file, DICOM folder, a folder of cases or a .csv case list (batch mode)")
     _add_run_options(seg)
+    seg.add_argument("--batch", action="store_true", help="treat the folder as a batch: every image file / DICOM series is a case")
     info = sub.add_parser("info", help="print the model card of a weights file")
     info.add_argument("weights", nargs="?", help="model .safetensors (default: the bundled model)")
     info.add_argument("--json", action="store_true", help="print the raw card as JSON")
@@ -95,22 +106,71 @@ def _output_kwargs(args) -> dict:
     return {"overwrite": args.overwrite, "nifti": args.nifti, "heatmap": not args.no_heatmap}
 
 
-def _run(args, volume_or_path, outdir: Path, reporter: _Reporter, extra_files=None):
-    from .inference import Segmenter
-    from .outputs import check_outputs_free, write_outputs
+def _check_outputs_free(outdir: Path, args) -> None:
+    """Fail before the (long) computation, not after it, when an output file exists (no --overwrite)."""
+    from .dicom_seg import dicom_seg_path
+    from .errors import OutputError
+    from .outputs import check_outputs_free
 
     kwargs = _output_kwargs(args)
-    check_outputs_free(outdir, **kwargs)  # fail before the (long) computation, not after it
+    check_outputs_free(outdir, **kwargs)
+    seg_path = dicom_seg_path(outdir)
+    if getattr(args, "dicom_seg", False) and not args.overwrite and (seg_path.exists() or seg_path.is_symlink()):
+        raise OutputError(f"Output file already exists: {seg_path}. Choose another output folder, or pass --overwrite to replace it.")
+
+
+def _make_segmenter(args):
+    from .seed_models import make_segmenter
+
+    return make_segmenter(weights=args.weights, device=args.device, batch_size=args.batch_size)
+
+
+def _read_input(args, path):
+    """Read an input file/folder with the reliability checks (modality, gantry tilt, HU range)."""
+    from .dicom_info import check_field_of_view, check_hu_range, check_series, is_dicom_input
+    from .errors import InputError
+    from .volume import read_volume
+
+    dicom = is_dicom_input(path)
+    if getattr(args, "dicom_seg", False) and not dicom:
+        raise InputError(f"--dicom-seg needs a DICOM series as input; {path} is not DICOM. Run without --dicom-seg.")
+    info = check_series(path, allow_non_ct=getattr(args, "allow_non_ct", False)) if dicom else None
+    if info is not None and info.multiframe and getattr(args, "dicom_seg", False):
+        from .errors import OutputError
+
+        raise OutputError("--dicom-seg is not supported for a multi-frame (enhanced) DICOM source; run without --dicom-seg.")
+    volume = read_volume(path)
+    check_field_of_view(volume, str(path))
+    if not dicom:
+        check_hu_range(volume, str(path))
+    return volume, info
+
+
+def _run(args, volume_or_path, outdir: Path, reporter: _Reporter, extra_files=None, segmenter=None):
+    from .outputs import write_outputs
+
+    kwargs = _output_kwargs(args)
+    _check_outputs_free(outdir, args)  # fail before the (long) computation, not after it
     t0 = time.perf_counter()
-    seg = Segmenter(weights=args.weights, device=args.device, batch_size=args.batch_size)
-    common = dict(progress=reporter.progress, heatmap=kwargs["heatmap"], on_boxes=reporter.boxes if reporter.json else None)
+    seg = segmenter if segmenter is not None else _make_segmenter(args)  # weights/device errors first
+    info = None
+    t_read = time.perf_counter()
     if isinstance(volume_or_path, (str, Path)):
-        result = seg.segment_file(volume_or_path, **common)
+        volume, info = _read_input(args, volume_or_path)
     else:
-        result = seg.segment_volume(volume_or_path, **common)
+        volume = volume_or_path
+    t_read = time.perf_counter() - t_read
+    common = dict(progress=reporter.progress, heatmap=kwargs["heatmap"], on_boxes=reporter.boxes if reporter.json else None)
+    result = seg.segment_volume(volume, **common)
+    result.timings["read"] = t_read
     reporter.close()
     t1 = time.perf_counter()
-    written = write_outputs(result, outdir, **kwargs)
+    if info is not None and getattr(args, "dicom_seg", False):
+        from .dicom_seg import write_outputs_with_seg
+
+        written = write_outputs_with_seg(result, info.files, outdir, **kwargs)
+    else:
+        written = write_outputs(result, outdir, **kwargs)
     result.timings["write"] = time.perf_counter() - t1
     return result, written, time.perf_counter() - t0
 
@@ -119,12 +179,73 @@ def cmd_segment(args, reporter: _Reporter) -> int:
     if not args.outdir:
         raise LSNetError("Give an output folder with -o/--output.")
     outdir = Path(args.outdir)
+    from .batch import is_batch_input
+
+    if is_batch_input(args.input, outdir, force=args.batch):
+        return cmd_batch(args, outdir)
     result, written, secs = _run(args, args.input, outdir, reporter)
     line = summary_line(result, secs)
     reporter.emit({"event": "done", "outputs": {k: str(v) for k, v in written.items()}, "summary": _summary_dict(result, secs)})
     if not args.progress_json:
         print(f"lsnet: {line} -> {outdir}")
     return EXIT_OK
+
+
+def cmd_batch(args, outroot: Path) -> int:
+    """Batch mode (``lsnet.batch``): every case through :func:`_run`; summary table on stdout."""
+    from . import batch
+    from .dicom_info import is_dicom_input
+
+    src = Path(args.input)
+    if src.is_file():
+        cases = batch.read_csv_cases(src, outroot)
+    else:
+        cases = batch.discover_cases(src, outroot, skip=outroot)
+    if not cases:
+        raise LSNetError(f"No cases found in {src}: it holds no image files ({', '.join(batch.IMAGE_SUFFIXES)}) and no DICOM series.")
+    segmenter = _make_segmenter(args)  # once: a weights/device problem stops the batch before any case
+    json_lines = args.progress_json
+
+    def process(case) -> dict:
+        reporter = _Reporter(json_lines, args.quiet)
+        case_args = copy.copy(args)
+        case_args.dicom_seg = args.dicom_seg and is_dicom_input(case.input)  # only DICOM cases get a SEG
+        try:
+            result, written, _secs = _run(case_args, case.input, case.outdir, reporter,
+                                          segmenter=segmenter)
+        finally:
+            reporter.close()
+        return {"slices": int(result.mask.shape[0]), "rois": len(result.boxes), "voxels": result.num_voxels,
+                "outputs": written}
+
+    def on_row(row, n, total):
+        if json_lines:
+            _Reporter(True, True).emit({"event": "case", "index": n, "total": total, "case": row.case, "status": row.status,
+                                        "message": row.message})
+        elif not args.quiet:
+            print(f"lsnet: [{n}/{total}] {row.case}: {row.status}" + (f" - {row.message}" if row.message else ""), file=sys.stderr)
+
+    options = {"nifti": args.nifti, "heatmap": not args.no_heatmap, "dicom_seg": args.dicom_seg, "weights": str(args.weights)}
+    try:
+        rows = batch.run_batch(cases, process, outroot, resume=not args.overwrite, options=options, on_row=on_row)
+    except (KeyboardInterrupt, CancelledError) as e:
+        done = sum(1 for c in cases if batch.BatchState(outroot, options).is_done(c))
+        raise CancelledError(
+            f"Batch interrupted; the unfinished case left no files, {done} finished case(s) are kept. Run the same "
+            f"command again to resume (summary: {outroot / batch.SUMMARY_NAME})."
+        ) from e
+    tally = batch.counts(rows)
+    bad = tally.get("failed", 0) + tally.get("error", 0)
+    if json_lines:
+        _Reporter(True, True).emit({"event": "done", "outputs": {"summary": str(outroot / batch.SUMMARY_NAME)},
+                                    "summary": {"cases": len(rows), **tally}})
+    else:
+        print(batch.format_table(rows))
+        print(f"lsnet: {len(rows)} case(s): " + ", ".join(f"{v} {k}" for k, v in tally.items())
+              + f"; summary in {outroot / batch.SUMMARY_NAME}")
+    if tally.get("error"):
+        return EXIT_INTERNAL
+    return EXIT_USER if bad else EXIT_OK
 
 
 def _summary_dict(result, secs: float) -> dict:
@@ -193,7 +314,24 @@ def cmd_demo(args, reporter: _Reporter) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="lsnet: %(levelname)s: %(message)s")
+    # Warnings of the engine go to *this* stderr even when the caller (a test, a notebook, Slicer) has
+    # configured the root logger: a handler on the "lsnet" logger for the duration of the command.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lsnet: %(levelname)s: %(message)s"))
+    engine_log = logging.getLogger("lsnet")
+    saved = (engine_log.level, engine_log.propagate)
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.INFO if args.debug else logging.WARNING)
+    engine_log.propagate = False
+    try:
+        return _main(args)
+    finally:
+        engine_log.removeHandler(handler)
+        engine_log.setLevel(saved[0])
+        engine_log.propagate = saved[1]
+
+
+def _main(args) -> int:
     reporter = _Reporter(getattr(args, "progress_json", False), getattr(args, "quiet", False))
     try:
         if args.command == "info":

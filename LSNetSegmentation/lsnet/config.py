@@ -64,6 +64,10 @@ class ModelConfig:
 
     labels: list = field(default_factory=lambda: [{"value": 1, "name": "Pancreas", "snomed": "15776009"}])
 
+    options: dict = field(default_factory=dict)
+    """Architecture-specific options of the other seed systems (``rstn``, ``dsms_unet``, ``rpn_fcn``);
+    keys and defaults are documented in each module (``*_DEFAULTS``); empty for ``lsnet``."""
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["window"] = list(self.window)

@@ -80,7 +80,7 @@ class Segmenter:
         """``raw`` ``(B, C, H0, W0)`` HU -> mask ``(B, H0, W0)`` uint8, heatmap ``(B, H0, W0)`` or None, RoIs on the original grid."""
         c = self.config
         dev = self.device
-        x = torch.from_numpy(np.ascontiguousarray(raw)).to(dev, non_blocking=True)
+        x = torch.from_numpy(np.array(raw, order="C")).to(dev, non_blocking=True)
         x = to_canvas(window(x, c.window), grid)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -154,8 +154,11 @@ class Segmenter:
         """
         from .geometry import to_canonical
 
+        from .dicom_info import check_field_of_view
+
         t0 = time.perf_counter()
         check_volume_values(volume.array)
+        check_field_of_view(volume)
         can, reo = to_canonical(volume)
         arr = can.array
         k, h0, w0 = arr.shape
@@ -227,7 +230,7 @@ class Segmenter:
         h0, w0 = can.array.shape[1:]
         grid = slice_grid((h0, w0), (float(can.spacing[0]), float(can.spacing[1])), c.spacing, c.pad_multiple)
         raw = stack_channels(can.array, slice_index, slice_index + 1, c.in_channels)
-        x = to_canvas(window(torch.from_numpy(np.ascontiguousarray(raw)).to(self.device), c.window), grid)
+        x = to_canvas(window(torch.from_numpy(np.array(raw, order="C")).to(self.device), c.window), grid)
         xyxy = grid.to_canvas_xyxy(torch.tensor([[box.x0, box.y0, box.x1, box.y1]], dtype=torch.float32, device=self.device))
         theta = theta_from_xyxy(xyxy, grid.canvas_hw, c.alpha)
         roi = recalibrate(x, theta, (c.roi_size, c.roi_size))

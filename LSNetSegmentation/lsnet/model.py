@@ -64,8 +64,13 @@ class LSNet(nn.Module):
         roi = recalibrate(images, theta, size)
         with torch.no_grad():
             target = (recalibrate(masks.unsqueeze(1).float(), theta.detach(), size) > 0.5).float()
-        mlog = self.snet(roi)
+        if hasattr(self.snet, "forward_with_aux"):  # DSMS U-Net as S-Net: + its restoration loss
+            mlog, aux = self.snet.forward_with_aux(roi)
+        else:
+            mlog, aux = self.snet(roi), None
         loss = snet_loss(mlog, target, c.dice_weight, c.focal_alpha, c.focal_gamma)
+        if aux is not None:
+            loss = loss + aux
         return {"loss": loss, "theta": theta.detach(), "roi_logits": mlog.detach(), "roi_target": target}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

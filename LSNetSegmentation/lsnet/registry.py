@@ -28,6 +28,18 @@ def build_model(config):
 
 
 def _load_builtin() -> None:
+    from .dsms_unet import DSMSUNetModel
     from .model import LSNet
+    from .rpn_fcn import RPNFCN
+    from .rstn import RSTN
 
     _BUILDERS.setdefault("lsnet", LSNet)
+    _BUILDERS.setdefault("rstn", RSTN)  # Yu et al. 2018, saliency transformation network (rstn.py)
+    _BUILDERS.setdefault("dsms_unet", DSMSUNetModel)  # Wang et al., DSMS U-Net (dsms_unet.py)
+    _BUILDERS.setdefault("rpn_fcn", RPNFCN)  # Zhang et al., RPN-FCN with RoI convolution (rpn_fcn.py)
+
+
+def known_architectures() -> list[str]:
+    """Names accepted in ``ModelConfig.architecture``."""
+    _load_builtin()
+    return sorted(_BUILDERS)

@@ -62,4 +62,8 @@ def build_snet(structure: str, backbone: str, in_channels: int, num_classes: int
         return UNetSNet(backbone, in_channels, num_classes, width)
     if structure == "fcn":
         return FCNSNet(backbone, in_channels, num_classes, width)
-    raise ValueError(f"unknown S-Net structure {structure!r}; choose 'unet' or 'fcn'")
+    if structure == "dsms":  # DSMS U-Net (dsms_unet.py) as S-Net
+        from .dsms_unet import DSMSUNet
+
+        return DSMSUNet(backbone, in_channels, num_classes, width)
+    raise ValueError(f"unknown S-Net structure {structure!r}; choose 'unet', 'fcn' or 'dsms'")

@@ -265,6 +265,8 @@ def _read_sitk(path: Path):
             f"{path} is not an image SimpleITK can read ({_first_line(e)}). Expected {SUPPORTED_FORMATS}."
         ) from e
     _check_header(_header_of(reader), path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)  # ITK's NIfTI reader fills a short file with garbage instead of failing
     try:
         image = reader.Execute()
     except RuntimeError as e:
@@ -274,6 +276,64 @@ def _read_sitk(path: Path):
         image = sitk.Extract(image, size[:3] + [0] * (len(size) - 3), [0] * len(size))
     _check_header(_header_of(image), path)
     return image
+
+
+def _nifti_expected_bytes(header: bytes) -> Optional[int]:
+    """``vox_offset + voxel bytes`` of a single-file NIfTI-1/-2 header, or None when it cannot be parsed.
+
+    The version is told by the magic string (``n+1`` at byte 344, ``n+2`` at byte 4) -- ITK does the
+    same and ignores a damaged ``sizeof_hdr`` -- and the byte order by ``dim[0]`` lying in 1..7."""
+    import struct
+
+    if len(header) >= 348 and header[344:348] == b"n+1\0":
+        order = "<" if 1 <= struct.unpack("<h", header[40:42])[0] <= 7 else ">"
+        dims = struct.unpack(order + "8h", header[40:56])
+        bitpix = struct.unpack(order + "h", header[72:74])[0]
+        offset = struct.unpack(order + "f", header[108:112])[0]
+    elif len(header) >= 540 and header[4:8] == b"n+2\0":
+        order = "<" if 1 <= struct.unpack("<q", header[16:24])[0] <= 7 else ">"
+        bitpix = struct.unpack(order + "h", header[14:16])[0]
+        dims = struct.unpack(order + "8q", header[16:80])
+        offset = struct.unpack(order + "q", header[168:176])[0]
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : ndim + 1]) or not np.isfinite(offset):
+        return None
+    return max(int(offset), 0) + int(np.prod([int(d) for d in dims[1 : ndim + 1]], dtype=object)) * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise :class:`InputError` when a (gzipped) NIfTI file holds fewer bytes than its header promises.
+
+    A ``.nii`` is checked by its size; a ``.nii.gz`` is decompressed once, streaming (a cut gzip
+    stream is an error by itself)."""
+    import gzip
+    import zlib
+
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = f.read(540)
+            expected = _nifti_expected_bytes(header)
+            if expected is None:
+                return  # not parseable here: leave the verdict to ITK
+            if gz:
+                total = len(header)
+                while True:
+                    chunk = f.read(1 << 22)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+            else:
+                total = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as e:
+        raise InputError(f"{path} is truncated or corrupt ({e}); copy or export the file again.") from e
+    if total < expected:
+        raise InputError(
+            f"{path} is truncated: its header announces {expected} bytes of data and header, the file holds {total}. "
+            "Copy or export the file again."
+        )
 
 
 def _looks_like_dicom(path: Path) -> bool:

@@ -1,0 +1,291 @@
+"""Shared glue of the other seed systems (RSTN, DSMS U-Net, RPN-FCN): one interface, one inference path.
+
+Every seed model is an ``nn.Module`` with a ``config`` (:class:`lsnet.config.ModelConfig`, the
+architecture-specific options in ``config.options``) and two methods, so that training, evaluation and
+inference never special-case an architecture:
+
+* ``training_losses(images (B, C, H, W) in [0, 1], masks (B, H, W) {0, 1}) -> {"loss": scalar, ...}``
+  — the paper's full training objective; one optimiser over all parameters (all three papers train
+  end to end).  :func:`training_losses` dispatches on the model (L-SNet included: it returns the
+  L-Net and S-Net halves separately because L-SNet alternates two optimiser steps, section 2.5).
+* ``predict_slices(images (B, C, H, W)) -> SlicePrediction`` — foreground probability on the input
+  grid, plus the boxes the method used (RSTN crop boxes, RPN proposals; none for DSMS U-Net).
+
+``images`` are preprocessed exactly as for L-SNet (``preprocess.window`` + ``to_canvas``: the
+``config.window`` HU window, ``config.spacing`` mm pixels, zero padding to a multiple of 32), so every
+architecture sees the same slices, and the same training data code serves all of them.
+
+Volumes go through :class:`SeedSegmenter`, a subclass of :class:`lsnet.inference.Segmenter` that only
+replaces the per-batch network step (canonical reorientation, batching, CUDA OOM policy, progress,
+cancel, output arrays and :class:`SegmentationResult` are the L-SNet code).  RSTN's coarse-to-fine
+iteration is defined over the *volume* (the paper stops when the DSC between the volumes of two
+consecutive rounds exceeds t), so for models with ``iterative = True`` the segmenter runs the rounds
+over all slices (:meth:`SeedSegmenter._segment_volume_iterative`), keeping the previous round's
+probabilities as float16 canvas maps on the CPU (``K x Hc x Wc x 2`` bytes, ~75 MB for 300 slices of
+512 x 0.8 mm).  Use :func:`make_segmenter` to get the right segmenter for any weights file.
+
+``SegmentationResult.heatmap`` of a seed model holds its final foreground probability (the seed
+systems have no keypoint heatmap).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import CancelledError, InputError
+from .inference import Segmenter, check_volume_values
+from .preprocess import canvas_to_original, slice_grid, stack_channels, to_canvas, window
+from .results import RoiBox, SegmentationResult
+
+SEED_ARCHITECTURES = ("rstn", "dsms_unet", "rpn_fcn")
+
+
+@dataclass
+class SlicePrediction:
+    """Output of ``predict_slices``.
+
+    ``prob`` ``(B, 1, H, W)`` foreground probability on the input grid; ``boxes`` ``(N, 4)``
+    ``(x0, y0, x1, y1)`` in input-grid edge coordinates; ``batch`` ``(N,)`` slice of each box;
+    ``scores`` ``(N,)``; ``info`` extra numbers (e.g. RSTN rounds and inter-iteration DSC).
+    """
+
+    prob: torch.Tensor
+    boxes: torch.Tensor
+    batch: torch.Tensor
+    scores: torch.Tensor
+    info: Optional[dict] = None
+
+    def as_dict(self) -> dict:
+        """The ``predict`` format of ``training/methods.py`` systems: ``prob`` ``(B, H, W)``, ``boxes``,
+        ``box_batch``, ``box_scores``."""
+        return {"prob": self.prob[:, 0], "boxes": self.boxes, "box_batch": self.batch, "box_scores": self.scores}
+
+    @staticmethod
+    def without_boxes(prob: torch.Tensor, info: Optional[dict] = None) -> "SlicePrediction":
+        dev = prob.device
+        return SlicePrediction(prob, torch.zeros(0, 4, device=dev), torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, device=dev), info)
+
+
+def resolve_options(config: ModelConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``config.options``; unknown keys raise ``ValueError`` (a typo must not
+    silently build another network; ``weights.load_model`` turns it into a ``WeightsError``)."""
+    given = dict(config.options or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown {config.architecture} option(s) {', '.join(unknown)}; known: {', '.join(sorted(defaults))}"
+        )
+    out = dict(defaults)
+    out.update(given)
+    return out
+
+
+def check_binary(config: ModelConfig) -> None:
+    if config.num_classes != 1:
+        raise ValueError(f"{config.architecture} is implemented for one foreground class (num_classes=1), got {config.num_classes}")
+
+
+def default_config(architecture: str, **fields) -> ModelConfig:
+    """A :class:`ModelConfig` for a seed architecture (module defaults = the paper's settings);
+    ``fields`` override ModelConfig fields, e.g. ``width=32`` or ``options={"converge_t": 0.99}``."""
+    if architecture not in SEED_ARCHITECTURES + ("lsnet",):
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {('lsnet',) + SEED_ARCHITECTURES}")
+    return ModelConfig(architecture=architecture, **fields)
+
+
+def training_losses(model, images: torch.Tensor, masks: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """The training objective of any seed model: ``{"loss": scalar to back-propagate, ...}`` (other
+    entries are detached numbers for logging).  ``images`` ``(B, C, H, W)`` in [0, 1], H and W multiples
+    of 32; ``masks`` ``(B, H, W)`` {0, 1}."""
+    if not hasattr(model, "training_losses"):
+        raise TypeError(f"{type(model).__name__} has no training_losses(); L-SNet trains with lnet_losses/snet_losses")
+    return model.training_losses(images, masks, **kwargs)
+
+
+def predict_slices(model, images: torch.Tensor) -> SlicePrediction:
+    """Foreground probability of preprocessed slices ``(B, C, H, W)`` for any seed model (eval mode)."""
+    return model.predict_slices(images)
+
+
+def box_of_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimal rectangle covering all foreground pixels of each image.
+
+    ``mask`` ``(B, H, W)`` bool -> boxes ``(B, 4)`` ``(x0, y0, x1, y1)`` in edge coordinates (pixel p
+    spans [p, p+1)) and ``has`` ``(B,)`` (False for an empty image, whose box is all zeros).
+    """
+    b, h, w = mask.shape
+    rows = mask.any(2)
+    cols = mask.any(1)
+    has = rows.any(1)
+    ar_h = torch.arange(h, device=mask.device)
+    ar_w = torch.arange(w, device=mask.device)
+    big = max(h, w) + 1
+    y0 = torch.where(rows, ar_h, big).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, big).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    return torch.where(has.unsqueeze(1), boxes, torch.zeros_like(boxes)), has
+
+
+def dsc_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """``(|A n B|, |A| + |B|)`` of two boolean tensors (summed over everything)."""
+    return int((a & b).sum()), int(a.sum()) + int(b.sum())
+
+
+def dsc_from_counts(inter: int, total: int) -> float:
+    """DSC = 2 |A n B| / (|A| + |B|); two empty sets agree perfectly (1.0)."""
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+class SeedSegmenter(Segmenter):
+    """:class:`lsnet.inference.Segmenter` for the seed architectures (see the module docstring)."""
+
+    @torch.inference_mode()
+    def _run_batch(self, raw: np.ndarray, grid, want_heatmap: bool):
+        x = self._canvas(raw, grid)
+        with self._autocast():
+            pred = self.model.predict_slices(x)
+        return self._to_original(pred.prob, pred.boxes, pred.batch, pred.scores, grid, want_heatmap)
+
+    def _canvas(self, raw: np.ndarray, grid) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(raw)).to(self.device, non_blocking=True)
+        x = to_canvas(window(x, self.config.window), grid)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _to_original(self, prob, boxes, batch, scores, grid, want_heatmap: bool):
+        p = canvas_to_original(prob.float(), grid)[:, 0]
+        mask = (p > self.config.mask_threshold).to(torch.uint8)
+        bx = grid.to_original_xyxy(boxes.float()) if len(boxes) else boxes
+        return (
+            mask.cpu().numpy(),
+            p.cpu().numpy() if want_heatmap else None,
+            batch.cpu().numpy(),
+            bx.cpu().numpy(),
+            scores.float().cpu().numpy(),
+        )
+
+    def segment_volume(self, volume, progress=None, cancel=None, heatmap: bool = True, on_boxes=None) -> SegmentationResult:
+        if getattr(self.model, "iterative", False):
+            return self._segment_volume_iterative(volume, progress, cancel, heatmap, on_boxes)
+        return super().segment_volume(volume, progress=progress, cancel=cancel, heatmap=heatmap, on_boxes=on_boxes)
+
+    def segment_box(self, volume, slice_index, box):
+        raise InputError(
+            f"Segmenting inside a user box needs an L-SNet model; the loaded model is {self.config.architecture!r}. "
+            "Load L-SNet weights for interactive box correction."
+        )
+
+    # ------------------------------------------------------------------ RSTN: rounds over the volume
+    @torch.inference_mode()
+    def _segment_volume_iterative(self, volume, progress, cancel, heatmap, on_boxes) -> SegmentationResult:
+        """Coarse pass, then fine rounds until the inter-iteration DSC of the *volume* exceeds
+        ``model.converge_t`` or ``model.max_rounds`` rounds ran (RSTN paper, "Training and Testing")."""
+        from .device import describe
+        from .geometry import to_canonical
+
+        t0 = time.perf_counter()
+        check_volume_values(volume.array)
+        can, reo = to_canonical(volume)
+        arr = can.array
+        k, h0, w0 = arr.shape
+        c = self.config
+        grid = slice_grid((h0, w0), (float(can.spacing[0]), float(can.spacing[1])), c.spacing, c.pad_multiple)
+        hc, wc = grid.canvas_hw
+        model = self.model
+        bs = self.batch_size
+        starts = list(range(0, k, bs))
+        total = k * (2 + model.max_rounds)
+        done = 0
+
+        def batches():
+            nonlocal done
+            for start in starts:
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError("Segmentation cancelled; nothing was written.")
+                stop = min(k, start + bs)
+                yield start, stop, self._canvas(stack_channels(arr, start, stop, c.in_channels), grid)
+                done += stop - start
+                if progress is not None:
+                    progress(min(done, total), total, {"stage": stage})
+
+        timings = {"preprocess": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        stage = "coarse"
+        prev = torch.zeros(k, 1, hc, wc, dtype=torch.float16)
+        for start, stop, x in batches():
+            with self._autocast():
+                prev[start:stop] = model.coarse_probs(x).float().cpu().half()
+        last_boxes: list = []
+        rounds, dscs = 0, []
+        for r in range(1, model.max_rounds + 1):
+            stage = f"fine round {r}"
+            new = torch.zeros_like(prev)
+            inter = tot = 0
+            round_boxes = []
+            for start, stop, x in batches():
+                ref = prev[start:stop].to(self.device).float()
+                with self._autocast():
+                    p, boxes, has = model.refine(x, ref)
+                p = p.float()
+                new[start:stop] = p.cpu().half()
+                i_, t_ = dsc_counts(p > 0.5, ref > 0.5)
+                inter, tot = inter + i_, tot + t_
+                idx = torch.nonzero(has).flatten()
+                round_boxes.append((start + idx.cpu(), boxes[idx].float().cpu(), p.flatten(1).amax(1)[idx].cpu()))
+            prev, last_boxes = new, round_boxes
+            rounds, dsc = r, dsc_from_counts(inter, tot)
+            dscs.append(dsc)
+            if dsc > model.converge_t:
+                break
+        timings["network"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        stage = "output"
+        mask = np.zeros(volume.array.shape, dtype=np.uint8)
+        mask_c = reo.to_canonical_array(mask)
+        heat = np.zeros(volume.array.shape, dtype=np.float32) if heatmap else None
+        heat_c = reo.to_canonical_array(heat) if heatmap else None
+        bidx = torch.cat([b[0] for b in last_boxes]) if last_boxes else torch.zeros(0, dtype=torch.long)
+        bxy = torch.cat([b[1] for b in last_boxes]) if last_boxes else torch.zeros(0, 4)
+        bsc = torch.cat([b[2] for b in last_boxes]) if last_boxes else torch.zeros(0)
+        boxes_out: list[RoiBox] = []
+        for start in starts:
+            stop = min(k, start + bs)
+            sel = (bidx >= start) & (bidx < stop)
+            m, hm, bi, bx, sc = self._to_original(
+                prev[start:stop].to(self.device), bxy[sel], bidx[sel] - start, bsc[sel], grid, heatmap
+            )
+            mask_c[start:stop] = m
+            if heatmap:
+                heat_c[start:stop] = hm
+            new_boxes = [RoiBox(int(start + i), *map(float, b), float(s), 2.0 * model.crop_margin / grid.f[0], "rstn") for i, b, s in zip(bi, bx, sc)]
+            boxes_out.extend(new_boxes)
+            if on_boxes is not None:
+                for s in sorted({b.slice_index for b in new_boxes}):
+                    on_boxes(s, [b for b in new_boxes if b.slice_index == s])
+        if progress is not None:
+            progress(total, total, {"stage": "done", "rounds": rounds})
+        timings["postprocess"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        timings["rstn_rounds"] = float(rounds)
+        timings["rstn_inter_iteration_dsc"] = float(dscs[-1]) if dscs else float("nan")
+        return SegmentationResult(volume, mask, heat, boxes_out, reo, self.card, describe(self.device), timings)
+
+
+def make_segmenter(model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True, card: Optional[dict] = None) -> Segmenter:
+    """A :class:`Segmenter` (L-SNet) or :class:`SeedSegmenter` (any seed architecture) for ``model`` or
+    the weights file ``weights`` (card architecture name decides)."""
+    if model is None:
+        from .weights import load_model
+
+        model, card = load_model(weights, device="cpu")
+    cls = SeedSegmenter if model.config.architecture in SEED_ARCHITECTURES else Segmenter
+    return cls(model=model, device=device, batch_size=batch_size, amp=amp, card=card)
