@@ -188,8 +188,10 @@ def test_focal_loss_by_hand():
     x = torch.tensor([0.0, 2.0])
     t = torch.tensor([1.0, 0.0])
     p = torch.sigmoid(x)
-    ref = -(0.25 * (1 - p[0]) ** 2 * torch.log(p[0]) + 0.75 * p[1] ** 2 * torch.log(1 - p[1])) / 2
+    ref = -(0.5 * (1 - p[0]) ** 2 * torch.log(p[0]) + 0.5 * p[1] ** 2 * torch.log(1 - p[1])) / 2
     assert focal_loss(x, t).item() == pytest.approx(ref.item(), rel=1e-6)
+    ref25 = -(0.25 * (1 - p[0]) ** 2 * torch.log(p[0]) + 0.75 * p[1] ** 2 * torch.log(1 - p[1])) / 2
+    assert focal_loss(x, t, alpha=0.25).item() == pytest.approx(ref25.item(), rel=1e-6)
 
 
 def test_dice_and_cls_loss_by_hand():

@@ -1,0 +1,242 @@
+"""Training entry point: L-SNet, U-Net, FCN and coarse-to-fine train a few iterations on CPU from
+phantoms through ``python -m training.train`` (the users' entry point), resume from checkpoints, and
+the 1-process DDP (gloo) path under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsnet.errors import InputError
+from training.config import DEFAULTS, load_config
+from training.train import CHECKPOINT_FORMAT, load_checkpoint, main, train_iteration
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "training" / "configs" / "tiny_cpu.json"
+
+
+def _rows(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _args(method: str, out: Path, cache_dir: Path) -> list:
+    a = ["--config", str(TINY), "--out", str(out), "-q", "--set", f"method={method}", "--set", f"data.cache_dir={cache_dir}"]
+    if method == "lsnet":  # also exercise DataLoader worker processes reading the memory-mapped cache
+        a += ["--set", "data.workers=1"]
+    return a
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """One epoch (2 iterations) of each method through the users' entry point."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for method in ("lsnet", "unet", "c2f"):
+        out = root / f"{method}_f0"
+        assert main(_args(method, out, cache_dir) + ["--set", "train.epochs=1"]) == 0
+        runs[method] = out
+    return runs
+
+
+@pytest.mark.parametrize("method", ["lsnet", "unet", "c2f"])
+def test_method_trains_and_resumes(method, trained, tmp_path, cache_dir):
+    out = tmp_path / method
+    shutil.copytree(trained[method], out)
+    ck = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ck["format"] == CHECKPOINT_FORMAT and ck["epoch"] == 0
+    hist = _rows(out / "history.csv")
+    assert len(hist) == 1 and float(hist[0]["iters"]) == 2
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "config.json").exists() and (out / "split.json").exists() and (out / "summary.json").exists()
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train_patients"]) & set(split["val_patients"])
+    loss_cols = [k for k in hist[0] if k.startswith("train_loss_")]
+    expected = {"lsnet": {"train_loss_lnet", "train_loss_snet"}, "unet": {"train_loss_seg"}, "c2f": {"train_loss_coarse", "train_loss_fine"}}[method]
+    assert set(loss_cols) == expected
+    assert hist[0]["val_dsc"] != ""  # validation ran on the held-out fold
+    if method != "unet":
+        assert hist[0]["val_miou"] != ""
+
+    # resume: the weights saved after epoch 0 are loaded and training continues with epoch 1
+    before = {k: v.clone() for k, v in ck["system"].items()}
+    assert main(_args(method, out, cache_dir) + ["--set", "train.epochs=2"]) == 0
+    ck2 = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ck2["epoch"] == 1 and [h["epoch"] for h in ck2["history"]] == [0, 1]
+    assert len(_rows(out / "history.csv")) == 2
+    changed = [k for k in before if before[k].dtype.is_floating_point and not torch.equal(before[k], ck2["system"][k])]
+    assert changed, "training after resume must update the weights"
+    assert ck2["optimizer"]["state"], "optimizer state must be restored and saved"
+    assert json.loads((out / "summary.json").read_text())["epochs_done"] == 2
+    # nothing left to do: a rerun with the same epochs is a no-op
+    assert main(_args(method, out, cache_dir) + ["--set", "train.epochs=2"]) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_fcn_baseline_and_resume_guard(tmp_path, cache_dir):
+    out = tmp_path / "fcn"
+    args = ["--config", str(TINY), "--out", str(out), "-q", "--set", "method=fcn", "--set", f"data.cache_dir={cache_dir}",
+            "--set", "train.epochs=1", "--set", "train.max_iters=1"]
+    assert main(args) == 0
+    # a different architecture in the same run folder is refused (exit code 2, clear message)
+    assert main(args[:-4] + ["--set", "method=unet"]) == 2
+
+
+def test_config_defaults_are_the_papers_and_overridable(tmp_path):
+    assert DEFAULTS["train"]["lr"] == 1e-4 and DEFAULTS["train"]["epochs"] == 60
+    assert DEFAULTS["train"]["lr_step"] == 25 and DEFAULTS["train"]["lr_decay"] == 0.1
+    assert DEFAULTS["data"]["crop"] == 320 and DEFAULTS["lsnet"]["topk"] == 3 and DEFAULTS["baseline"]["pad"] == 15
+    cfg = load_config(ROOT / "training" / "configs" / "c2f_paper.json", ["train.lr=0.001", "model.gamma=0", "data.fold=2"])
+    assert cfg["method"] == "c2f" and cfg["train"]["lr"] == 0.001 and cfg["model"]["gamma"] == 0 and cfg["data"]["fold"] == 2
+    assert cfg["data"]["datasets"][0]["type"] == "slices2d"  # inherited through "extends"
+    with pytest.raises(InputError, match="unknown configuration key"):
+        load_config(TINY, ["train.lrr=1"])
+    with pytest.raises(InputError, match="multiple of 32"):
+        load_config(TINY, ["data.crop=100"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"epoch": 3}}))
+    with pytest.raises(InputError, match="train.epoch"):
+        load_config(bad)
+
+
+def test_gamma_zero_leaves_lnet_untouched_in_the_snet_phase():
+    from training.methods import LSNetSystem
+    from lsnet.config import ModelConfig
+
+    torch.manual_seed(0)
+    system = LSNetSystem(ModelConfig(width=8, roi_size=32))
+    opt = torch.optim.Adam(system.parameters(), lr=1e-2)
+    x = torch.rand(2, 1, 64, 64)
+    m = torch.zeros(2, 64, 64)
+    m[:, 20:36, 24:40] = 1
+    train_iteration(system, system, opt, ["lnet"], x, m, 0.0)  # Adam now has L-Net momentum
+    lnet_before = [p.detach().clone() for p in system.model.lnet.parameters()]
+    snet_before = [p.detach().clone() for p in system.model.snet.parameters()]
+    train_iteration(system, system, opt, ["snet"], x, m, 0.0)
+    assert all(torch.equal(a, p) for a, p in zip(lnet_before, system.model.lnet.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(snet_before, system.model.snet.parameters()))
+    train_iteration(system, system, opt, ["snet"], x, m, 0.1)  # gamma > 0: S-Net supervises L-Net
+    assert any(not torch.equal(a, p) for a, p in zip(lnet_before, system.model.lnet.parameters()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_one_process_gloo_under_torchrun(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "LSNetSegmentation"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "training.train", "--config", str(TINY), "--out", str(tmp_path / "ddp"),
+           "-q", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.epochs=1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    assert ck["epoch"] == 0
+    # DDP wraps the system, but the checkpoint holds the plain system's weights (no "module." prefix)
+    assert not any(k.startswith("module.") for k in ck["system"])
+
+
+def test_evaluate_writes_tables_for_runs(trained, tmp_path):
+    from training.evaluate import main as evaluate_main
+
+    res = tmp_path / "res"
+    assert evaluate_main([str(trained["lsnet"]), str(trained["c2f"]), "--out", str(res), "--checkpoint", "last"]) == 0
+    rows = _rows(res / "results.csv")
+    assert [r["method"] for r in rows] == ["lsnet", "c2f"]
+    for r in rows:
+        assert int(r["slices_fg"]) > 0 and r["dsc"] != "" and r["miou"] != ""
+        assert 0.0 <= float(r["dsc"]) <= 1.0
+        assert int(r["volumes"]) == int(r["patients"])  # phantoms are volumes: per-volume metrics exist
+    md = (res / "results.md").read_text()
+    assert md.count("\n| ") == 2 and "DSC %" in md  # two run rows after the header
+
+
+def test_metrics_definitions():
+    import numpy as np
+
+    from training.metrics import box_iou, hd95, object_best_ious, slice_scores, volume_dsc
+
+    pred = torch.zeros(3, 8, 8, dtype=torch.bool)
+    gt = torch.zeros(3, 8, 8, dtype=torch.bool)
+    gt[0, :4] = True
+    pred[0, :2] = True  # half of the object: DSC 2/3, precision 1, recall 1/2
+    pred[1, 0, 0] = True  # false positive on an empty slice
+    s = slice_scores(pred, gt)
+    assert abs(float(s["dsc"][0]) - 2 / 3) < 1e-6 and float(s["precision"][0]) == 1 and float(s["recall"][0]) == 0.5
+    assert torch.isnan(s["dsc"][1]) and s["pred_any"].tolist() == [True, True, False] and s["gt_any"].tolist() == [True, False, False]
+    a = torch.tensor([[0.0, 0, 10, 10]])
+    b = torch.tensor([[5.0, 0, 15, 10], [0, 0, 10, 10]])
+    assert torch.allclose(box_iou(a, b), torch.tensor([[1 / 3, 1.0]]))
+    assert torch.allclose(object_best_ious(a, torch.tensor([0]), b, torch.tensor([1, 1])), torch.tensor([0.0]))
+    v = np.zeros((5, 20, 20), bool)
+    v[1:4, 5:10, 5:10] = True
+    w = np.roll(v, 2, axis=2)
+    assert volume_dsc(v, v) == 1.0 and abs(volume_dsc(v, w) - 0.6) < 1e-9
+    assert hd95(v, v, (1, 1, 1)) == 0.0 and abs(hd95(v, w, (2.0, 1.0, 0.5)) - 1.0) < 1e-9
+
+
+def test_extra_phantoms_are_training_only(tmp_path):
+    cache = tmp_path / "cache"
+    base = ["--config", str(TINY), "-q", "--set", f"data.cache_dir={cache}", "--set", "train.epochs=1",
+            "--set", "train.max_iters=1"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--phantoms", "2"]) == 0
+    split = json.loads((tmp_path / "a" / "split.json").read_text())
+    assert split["extra_train_cases"] == 2
+    assert {"phantom_100000", "phantom_100001"} <= set(split["train_patients"])
+    assert not any(p.startswith("phantom_1000") for p in split["val_patients"])
+    # a phantom-only cache has no real cases for a from-cache split: clear error, exit code 2
+    assert main(["--config", str(TINY), "-q", "--out", str(tmp_path / "b"), "--set", f"data.cache_dir={cache}",
+                 "--set", "data.from_cache=true", "--set", "data.datasets=[]"]) == 2
+
+
+def test_training_from_a_packed_cache_without_sources(tmp_path):
+    """The GPU machine sees no ../shared: build + pack here, delete the sources, train from the pack."""
+    import SimpleITK as sitk
+
+    from lsnet.phantom import make_phantom
+    from training.cache import main as cache_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = ["image,label,patient_id"]
+    for n in range(4):
+        p = make_phantom(shape=(8, 64, 64), spacing=(3.0, 3.0, 3.0), seed=n, target_scale=0.8)
+        for name, arr in ((f"ct{n}.nrrd", p.array), (f"seg{n}.nrrd", p.label)):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing(p.spacing)
+            sitk.WriteImage(img, str(src / name))
+        rows.append(f"ct{n}.nrrd,seg{n}.nrrd,P{n}")
+    (src / "cases.csv").write_text("\n".join(rows) + "\n")
+    ds = json.dumps([{"type": "list", "path": str(src / "cases.csv")}])
+    cfg = ["--config", str(TINY), "--set", f"data.datasets={ds}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert cache_main(["build"] + cfg) == 0
+    assert cache_main(["pack", str(tmp_path / "cache"), str(tmp_path / "packed")]) == 0
+    import shutil
+
+    shutil.rmtree(src)
+    out = tmp_path / "run"
+    assert main(["--config", str(TINY), "-q", "--out", str(out), "--device", "cpu", "--set", f"data.cache_dir={tmp_path / 'packed'}",
+                 "--set", "data.from_cache=true", "--set", "data.datasets=[]", "--set", "train.epochs=1",
+                 "--set", "train.max_iters=1"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(split["train_patients"] + split["val_patients"]) == ["P0", "P1", "P2", "P3"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_done"] == 1 and summary["last"]["val_dsc"] is not None and summary["device"] == "cpu"

@@ -1,0 +1,237 @@
+"""Evaluate trained runs (L-SNet or any baseline) the way the paper's tables report them.
+
+    python -m training.evaluate runs/lsnet_f0 runs/lsnet_f1 runs/unet_f0 ... --out results/ [--checkpoint best|last]
+        [--data datasets.json] [--device auto] [--label NAME=RUN ...]
+
+For every run folder (made by ``training.train``) the checkpoint is loaded and evaluated on that run's
+own validation patients (the fold in its ``config.json``; ``--data`` evaluates on other datasets
+instead).  Slices come from the same slice cache as training, i.e. on the model's resampled canvas
+(``ModelConfig.spacing`` mm; the whole field of view, no crop), so every method sees identical pixels.
+
+Metrics (definitions in ``training/metrics.py``):
+
+* ``dsc``, ``precision``, ``recall``: per slice with foreground, averaged over slices (Table 1);
+* ``fp_slice_rate``: share of slices without foreground where something was predicted (how quiet the
+  model stays on slices without pancreas; not in the paper);
+* ``miou``: best IoU of the first stage's boxes with each ground-truth object, averaged over objects
+  (Tables 3-4; two-stage methods only);
+* ``vol_dsc``, ``hd95_mm``: per volume (cases with contiguous slices), averaged over volumes; HD95 on
+  the canvas grid with its physical spacing.
+
+Writes ``results.md`` (a Markdown table per run and a summary per method over folds: mean +- standard
+deviation across runs) and ``results.csv``; prints the Markdown.  Numbers come only from these runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lsnet.errors import InputError, LSNetError
+
+from .cache import IMAGE_SCALE, CacheParams, SliceCache
+from .config import model_config
+from .datasets import cases_from_specs
+from .methods import build_system
+from .metrics import MeanAccumulator, hd95, object_best_ious, slice_scores, volume_dsc
+from .splits import split_cases
+from .train import CachedCase, load_checkpoint, resolve_device
+
+log = logging.getLogger("training.evaluate")
+
+COLUMNS = ["label", "method", "fold", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc", "dsc_sd",
+           "precision", "recall", "miou", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "seconds"]
+
+
+def load_run(run_dir: Path, which: str = "best") -> tuple:
+    """``(config, checkpoint state)`` of a run folder; falls back to ``last.pt`` when there is no best."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise InputError(f"{run_dir} is not a training run folder (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    ck = run_dir / "checkpoints" / f"{which}.pt"
+    if not ck.exists():
+        ck = run_dir / "checkpoints" / "last.pt"
+    if not ck.exists():
+        raise InputError(f"{run_dir} has no checkpoint (checkpoints/{which}.pt or last.pt)")
+    state = load_checkpoint(ck)
+    return cfg, state, ck.stem
+
+
+@torch.no_grad()
+def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False) -> dict:
+    """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases)."""
+    from lsnet.components import components
+
+    system.eval()
+    in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels
+    acc = MeanAccumulator()
+    vol_dsc, vol_hd, slice_dsc = [], [], []
+    n_fg = n_bg = 0
+    for cid in case_ids:
+        img, lab = cache.arrays(cid)
+        meta = cache.metas[cid]
+        K = img.shape[0]
+        pred_vol = np.zeros(lab.shape, dtype=np.uint8) if (meta["contiguous"] and K > 1) else None
+        for k0 in range(0, K, batch_size):
+            ks = list(range(k0, min(K, k0 + batch_size)))
+            if in_ch == 1:
+                x = np.asarray(img[k0 : ks[-1] + 1], np.float32)[:, None]
+            else:
+                nb = [meta["slices"][k]["nb"] for k in ks]
+                x = np.stack([np.stack([img[a], img[k], img[b]]) for k, (a, b) in zip(ks, nb)]).astype(np.float32)
+            xt = torch.from_numpy(x).to(device) * (1.0 / IMAGE_SCALE)
+            mt = torch.from_numpy(np.array(lab[k0 : ks[-1] + 1])).to(device) > 0
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+            with ctx:
+                out = system.predict(xt)
+            pred = out["prob"].float() > 0.5
+            s = slice_scores(pred, mt)
+            acc.add("dsc", s["dsc"])
+            slice_dsc.extend(v for v in s["dsc"].tolist() if not math.isnan(v))
+            acc.add("precision", s["precision"])
+            acc.add("recall", s["recall"])
+            acc.add("fp_slice_rate", s["pred_any"][~s["gt_any"]].float())
+            n_fg += int(s["gt_any"].sum())
+            n_bg += int((~s["gt_any"]).sum())
+            if "boxes" in out:
+                comp = components(mt)
+                acc.add("miou", object_best_ious(comp.boxes, comp.batch, out["boxes"], out["box_batch"]))
+            if pred_vol is not None:
+                pred_vol[k0 : ks[-1] + 1] = pred.cpu().numpy()
+        if pred_vol is not None:
+            sz = meta["spacing"][2] or 1.0
+            sp = float(cache.params.spacing)
+            gt = np.asarray(lab) > 0
+            vol_dsc.append(volume_dsc(pred_vol, gt))
+            vol_hd.append(hd95(pred_vol, gt, (sz, sp, sp)))
+    r = acc.result()
+    r["dsc_sd"] = float(np.std(slice_dsc, ddof=1)) if len(slice_dsc) > 1 else None
+    r["slices_fg"], r["slices_bg"] = n_fg, n_bg
+    r["volumes"] = len(vol_dsc)
+    r["vol_dsc"] = float(np.nanmean(vol_dsc)) if vol_dsc and not np.all(np.isnan(vol_dsc)) else None
+    r["hd95_mm"] = float(np.nanmean(vol_hd)) if vol_hd and not np.all(np.isnan(vol_hd)) else None
+    return r
+
+
+def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Optional[list], batch_size: int,
+                 cache_dir: Optional[str], amp: bool) -> dict:
+    cfg, state, ck_name = load_run(run_dir, which)
+    system = build_system(cfg)
+    system.load_state_dict(state["system"])
+    system.to(device)
+    mc = model_config(cfg)
+    cache = SliceCache(Path(cache_dir or cfg["data"]["cache_dir"]), CacheParams.from_model_config(mc))
+    if data_specs is not None:
+        eval_cases = cases_from_specs(data_specs)
+        cache.build(eval_cases, progress=sys.stderr.isatty())
+    else:
+        fold = int(cfg["data"]["fold"])
+        if fold < 0:
+            raise InputError(f"{run_dir} was trained on all data (data.fold = -1): pass --data to evaluate it")
+        if cfg["data"].get("from_cache"):
+            extra = {c.case_id for c in cases_from_specs(cfg["data"].get("extra_train_datasets") or [])}
+            ids = [cid for cid in cache.case_ids(include_phantoms=False) if cid not in extra]
+            cache.open(ids)
+            pool = [CachedCase(cid, cache.patient_of(cid)) for cid in ids]
+        else:
+            pool = cases_from_specs(cfg["data"]["datasets"])
+            cache.build(pool, progress=sys.stderr.isatty())
+        _, eval_cases = split_cases(pool, fold, int(cfg["data"]["folds"]), int(cfg["data"]["split_seed"]))
+        cache.open([c.case_id for c in eval_cases])
+    t0 = time.perf_counter()
+    r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp)
+    r.update({
+        "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": int(state["epoch"]),
+        "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
+    })
+    return r
+
+
+def _fmt(v, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:.2f}" if pct else f"{v:.2f}"
+    return str(v)
+
+
+def to_markdown(rows: list) -> str:
+    head = ["run", "method", "fold", "ckpt (epoch)", "patients", "fg / bg slices", "DSC %", "Precision %", "Recall %",
+            "mIoU %", "FP-slice %", "volumes", "vol DSC %", "HD95 mm"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["label"], r["method"], str(r["fold"]), f"{r['checkpoint']} ({r['epoch']})", str(r["patients"]),
+            f"{r['slices_fg']} / {r['slices_bg']}", f"{_fmt(r.get('dsc'))} +- {_fmt(r.get('dsc_sd'))}", _fmt(r.get("precision")), _fmt(r.get("recall")),
+            _fmt(r.get("miou")), _fmt(r.get("fp_slice_rate")), str(r.get("volumes", 0)), _fmt(r.get("vol_dsc")),
+            _fmt(r.get("hd95_mm"), pct=False)]) + " |")
+    # summary over folds per label prefix (run label without a trailing "_fN")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["", "Mean +- SD over runs (folds):", "",
+                  "| method | runs | DSC % | Precision % | Recall % | mIoU % | FP-slice % |", "|---|---|---|---|---|---|---|"]
+        for name, g in groups.items():
+            cells = []
+            for k in ("dsc", "precision", "recall", "miou", "fp_slice_rate"):
+                v = [x[k] for x in g if x.get(k) is not None]
+                cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
+            lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders written by training.train (LABEL=DIR to name one)")
+    ap.add_argument("--out", required=True, help="folder for results.md and results.csv")
+    ap.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    ap.add_argument("--data", help="JSON list of dataset specs to evaluate on instead of each run's validation fold")
+    ap.add_argument("--cache-dir", help="slice cache to use (default: the run's data.cache_dir)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        device = resolve_device(args.device, 0)
+        specs = json.loads(Path(args.data).read_text()) if args.data else None
+        rows = []
+        for item in args.runs:
+            label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
+            run_dir = Path(d)
+            label = label or run_dir.name
+            r = evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp)
+            r["label"] = label
+            r["group"] = label.rsplit("_f", 1)[0] if label.rsplit("_f", 1)[-1].isdigit() else label
+            rows.append(r)
+            log.info("%s: %s", label, {k: r.get(k) for k in ("dsc", "precision", "recall", "miou", "fp_slice_rate")})
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        md = to_markdown(rows)
+        (out / "results.md").write_text(md)
+        with open(out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+        print(md)
+    except LSNetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

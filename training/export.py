@@ -1,0 +1,99 @@
+"""Export a training checkpoint to the engine's weights format (safetensors + JSON model card).
+
+    python -m training.export runs/lsnet_f0 -o LSNetSegmentation/Resources/Models/lsnet_pancreas.safetensors \
+        [--which best|last] [--name NAME] [--description TEXT] [--dtype float16|float32] [--metrics results.json]
+
+``runs/lsnet_f0`` is a ``training.train --out`` folder (or a checkpoint ``.pt`` inside it).  The card
+records the architecture config, the training configuration (data sets, split, schedule), the
+validation metrics of the exported epoch and, with ``--metrics``, any extra measured metrics (e.g. the
+per-patient evaluation of ``training.evaluate``).  Checkpoints are read with ``weights_only=True``:
+only tensors and plain containers, never code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lsnet.errors import LSNetError, WeightsError
+from lsnet.weights import save_model
+
+from .methods import build_system
+
+EXPORTABLE = {"lsnet"}
+
+
+def find_checkpoint(path: Path, which: str) -> Path:
+    if path.is_file():
+        return path
+    ckpt = path / "checkpoints" / f"{which}.pt"
+    if not ckpt.is_file():
+        raise WeightsError(f"no checkpoint {ckpt}; train first (python -m training.train ... --out {path})")
+    return ckpt
+
+
+def export(run: Path, out: Path, which: str = "best", name: str | None = None, description: str = "",
+           dtype: str = "float16", extra_metrics: dict | None = None) -> Path:
+    ckpt = find_checkpoint(Path(run), which)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    if cfg["method"] not in EXPORTABLE:
+        raise WeightsError(
+            f"method {cfg['method']!r} is a training baseline without an engine architecture; only {sorted(EXPORTABLE)} "
+            "checkpoints can be exported for lsnet / the Slicer module"
+        )
+    system = build_system(cfg)
+    system.load_state_dict(state["system"])
+    row = state["history"][-1] if state.get("history") else {}
+    metrics = {k: v for k, v in row.items() if k.startswith("val_") and v is not None}
+    metrics["epoch"] = state.get("epoch")
+    if extra_metrics:
+        metrics.update(extra_metrics)
+    card = {
+        "name": name or Path(out).stem,
+        "description": description,
+        "labels_note": "label 1 = pancreas (SNOMED CT 15776009)",
+        "training_data": {
+            "datasets": cfg["data"]["datasets"],
+            "split": {"folds": cfg["data"]["folds"], "held_out_fold": cfg["data"]["fold"], "seed": cfg["data"]["split_seed"]},
+        },
+        "training": {"method": cfg["method"], "train": cfg["train"], "lsnet": cfg.get("lsnet"), "augment": cfg.get("augment"),
+                     "crop": cfg["data"]["crop"], "checkpoint": ckpt.name, "epochs_done": len(state.get("history", []))},
+        "metrics": metrics,
+        "preprocessing": "canonical axial slices, HU window -> [0, 1], in-plane resampling to config.spacing mm (lsnet/preprocess.py)",
+        "exported": time.strftime("%Y-%m-%d"),
+    }
+    system.model.eval()
+    return save_model(system.model, out, card, dtype=dtype)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="training output folder or checkpoint .pt")
+    ap.add_argument("-o", "--output", type=Path, required=True, help="target .safetensors (card written next to it)")
+    ap.add_argument("--which", choices=["best", "last"], default="best")
+    ap.add_argument("--name")
+    ap.add_argument("--description", default="")
+    ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    ap.add_argument("--metrics", type=Path, help="JSON of extra measured metrics to put on the card")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        if a.output.with_suffix(".safetensors").exists() and not a.overwrite:
+            raise LSNetError(f"{a.output} exists; pass --overwrite to replace it")
+        extra = json.loads(a.metrics.read_text()) if a.metrics else None
+        path = export(a.run, a.output, a.which, a.name, a.description, a.dtype, extra)
+    except LSNetError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"export: wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
