@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsnet.config import ModelConfig
+from lsnet.inference import lsnet_predict, merge_max
 from lsnet.decode import decode, rois_from_cells, sample_topk_keypoints
 from lsnet.losses import cls_loss, snet_loss
 from lsnet.model import LSNet
@@ -36,16 +37,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, mc: ModelCon
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float(), target.float())
     return cls_loss(logits, target, mc.dice_weight, mc.focal_alpha, mc.focal_gamma)
-
-
-def _merge_max(prob_rois: torch.Tensor, batch: torch.Tensor, b: int) -> torch.Tensor:
-    """Pixel-wise max of per-RoI maps ``(N, H, W)`` into ``(b, H, W)`` (the engine's merge rule)."""
-    h, w = prob_rois.shape[-2:]
-    out = prob_rois.new_zeros(b, h * w)
-    if prob_rois.shape[0]:
-        idx = batch.view(-1, 1).expand(-1, h * w)
-        out = out.scatter_reduce(0, idx, prob_rois.reshape(prob_rois.shape[0], -1), "amax")
-    return out.view(b, h, w)
 
 
 def quantised_boxes(boxes: torch.Tensor, pad: float, hw: tuple) -> torch.Tensor:
@@ -112,23 +103,19 @@ class LSNetSystem(nn.Module):
     def predict(self, images: torch.Tensor) -> dict:
         """Inference rule of section 2.5 on windowed inputs: K > 0.5 -> components -> RoIs -> RR (or
         hard crop) -> S-Net -> theta^-1 -> pixel-wise max over the RoIs of a slice."""
-        c = self.config
-        b, _, h, w = images.shape
-        logits, T = self.model.lnet(images)
-        heat = torch.sigmoid(logits.float())
-        rois = decode(heat, T.float(), c.heatmap_threshold, c.min_box_size)
-        prob = images.new_zeros(b, h, w, dtype=torch.float32)
-        if len(rois):
-            size = (c.roi_size, c.roi_size)
-            if self.roi_mode == "rr":
-                from lsnet.recalibration import theta_from_box
-
-                theta = theta_from_box(rois.keypoints, rois.ltrb, (h, w), c.alpha)
-                roi = recalibrate(images[rois.batch], theta, size)
-            else:
-                roi, theta = hard_crop(images[rois.batch], quantised_boxes(rois.boxes, c.alpha / 2, (h, w)), size)
-            p = torch.sigmoid(self.model.snet(roi).float()[:, :1])
-            prob = _merge_max(paste_back(p, theta, (h, w))[:, 0], rois.batch, b)
+        if self.roi_mode == "rr":  # the engine's own inference rule
+            prob, heat, rois = lsnet_predict(self.model, images)
+        else:  # Table 2 ablation: hard crop of the quantised box instead of RR
+            c = self.config
+            b, _, h, w = images.shape
+            logits, T = self.model.lnet(images)
+            heat = torch.sigmoid(logits.float())
+            rois = decode(heat, T.float(), c.heatmap_threshold, c.min_box_size)
+            prob = images.new_zeros(b, h, w, dtype=torch.float32)
+            if len(rois):
+                roi, theta = hard_crop(images[rois.batch], quantised_boxes(rois.boxes, c.alpha / 2, (h, w)), (c.roi_size, c.roi_size))
+                p = torch.sigmoid(self.model.snet(roi).float()[:, :1])
+                prob = merge_max(paste_back(p, theta, (h, w))[:, 0], rois.batch, b)
         return {"prob": prob, "boxes": rois.boxes.float(), "box_batch": rois.batch, "box_scores": rois.scores, "heat": heat}
 
 
@@ -230,7 +217,7 @@ class CoarseToFineSystem(nn.Module):
             size = (self.mc.roi_size, self.mc.roi_size)
             crops, theta = hard_crop(images[idx], qb, size)
             p = torch.sigmoid(self.fine(crops).float()[:, :1])
-            prob = _merge_max(paste_back(p, theta, (h, w))[:, 0], idx, b)
+            prob = merge_max(paste_back(p, theta, (h, w))[:, 0], idx, b)
         return {"prob": prob, "boxes": boxes, "box_batch": idx, "box_scores": torch.ones(len(idx), device=images.device)}
 
 

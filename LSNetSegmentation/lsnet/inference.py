@@ -39,6 +39,41 @@ log = logging.getLogger("lsnet")
 ProgressFn = Callable[[int, int, dict], None]
 
 
+def merge_max(prob_rois: torch.Tensor, batch: torch.Tensor, b: int) -> torch.Tensor:
+    """The merge rule (module docstring): pixel-wise max of per-RoI maps ``(N, H, W)`` into ``(b, H, W)``."""
+    h, w = prob_rois.shape[-2:]
+    out = prob_rois.new_zeros(b, h * w)
+    if prob_rois.shape[0]:
+        idx = batch.view(-1, 1).expand(-1, h * w)
+        out = out.scatter_reduce(0, idx, prob_rois.reshape(prob_rois.shape[0], -1), "amax")
+    return out.view(b, h, w)
+
+
+def lsnet_predict(model, x: torch.Tensor, out_hw=None, scale=(1.0, 1.0), autocast=nullcontext):
+    """The inference rule of section 2.5 on a preprocessed batch (one code path for the engine and
+    the training validation).
+
+    ``x`` ``(B, C, H, W)`` windowed canvas slices -> ``(prob (B, H', W'), heat (B, 1, H/4, W/4), rois)``:
+    L-Net -> ``decode`` -> RR -> S-Net -> theta^-1 into the ``out_hw`` grid (default: the canvas; see
+    ``recalibration.paste_back`` for ``scale``) -> max over the RoIs of each slice.
+    """
+    c = model.config
+    b = x.shape[0]
+    out_hw = tuple(out_hw or x.shape[-2:])
+    with autocast():
+        logits, T = model.lnet(x)
+    heat = torch.sigmoid(logits.float())
+    rois = decode(heat, T.float(), c.heatmap_threshold, c.min_box_size)
+    if not len(rois):
+        return torch.zeros(b, *out_hw, device=x.device), heat, rois
+    theta = theta_from_box(rois.keypoints, rois.ltrb, tuple(x.shape[-2:]), c.alpha)
+    roi = recalibrate(x[rois.batch], theta, (c.roi_size, c.roi_size))
+    with autocast():
+        m = model.snet(roi)
+    pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
+    return merge_max(pasted, rois.batch, b), heat, rois
+
+
 class Segmenter:
     """Runs a loaded L-SNet on volumes, slices or user boxes. One instance per model and device.
 
@@ -65,9 +100,8 @@ class Segmenter:
 
     def _to_device(self, device: torch.device) -> None:
         self.device = device
-        self.model.to(device)
-        if device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
+        # channels-last on every device: ~2x faster convolutions on CPU too (benchmarks/, docs/benchmarks.md)
+        self.model.to(device).to(memory_format=torch.channels_last)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.amp:
@@ -82,26 +116,8 @@ class Segmenter:
         dev = self.device
         x = torch.from_numpy(np.array(raw, order="C")).to(dev, non_blocking=True)
         x = to_canvas(window(x, c.window), grid)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            logits, T = self.model.lnet(x)
-        heat = torch.sigmoid(logits.float())
-        T = T.float()
-        rois = decode(heat, T, c.heatmap_threshold, c.min_box_size)
-        b = raw.shape[0]
-        h0, w0 = grid.original_hw
-        prob = torch.zeros(b, h0, w0, device=dev)
-        if len(rois):
-            theta = theta_from_box(rois.keypoints, rois.ltrb, grid.canvas_hw, c.alpha)
-            roi = recalibrate(x[rois.batch], theta, (c.roi_size, c.roi_size))
-            with self._autocast():
-                m = self.model.snet(roi)
-            p = torch.sigmoid(m.float()[:, :1])
-            pasted = paste_back(p, theta, (h0, w0), grid.paste_scale())[:, 0]
-            # merge rule (module docstring): pixel-wise max over the RoIs of a slice
-            idx = rois.batch.view(-1, 1).expand(-1, h0 * w0)
-            prob = prob.view(b, -1).scatter_reduce(0, idx, pasted.reshape(len(rois), -1), "amax").view(b, h0, w0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        prob, heat, rois = lsnet_predict(self.model, x, grid.original_hw, grid.paste_scale(), self._autocast)
         mask = (prob > c.mask_threshold).to(torch.uint8)
         hm = canvas_to_original(heat, grid)[:, 0] if want_heatmap else None
         boxes = grid.to_original_xyxy(rois.boxes) if len(rois) else rois.boxes

@@ -1,0 +1,75 @@
+"""Smoke test of benchmarks/: every script runs on a tiny input with --quick (CPU) and writes its JSON.
+
+Speed is not checked here (docs/benchmarks.md has the measurements); what is checked is that each
+script completes, records results instead of errors, that GPU-only runs skip cleanly without CUDA,
+and that report.py turns the JSON into tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _run(args, tmp_path, timeout=120):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "LSNetSegmentation"), str(ROOT), env.get("PYTHONPATH", "")])
+    env["LSNET_BENCH_RANDOM"] = "1"  # a random model of the bundled config: no dependency on the bundled file
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _results(path):
+    doc = json.loads(Path(path).read_text())
+    assert doc["env"]["torch"] and doc["env"]["date"]
+    return doc, doc["results"]
+
+
+def test_e2e_quick_lsnet_and_3d_peer(tmp_path):
+    out = tmp_path / "e2e.json"
+    _run([str(BENCH / "bench_e2e.py"), "--quick", "--systems", "lsnet,unet3d", "--workdir", str(tmp_path / "w"), "--out", str(out)], tmp_path)
+    doc, res = _results(out)
+    by = {r["system"]: r for r in res}
+    assert set(by) == {"lsnet", "unet3d"}
+    for r in by.values():
+        assert "error" not in r, r.get("error")
+        assert r["median_total_s"] > 0 and r["peak_rss_mb"] > 0
+        assert (tmp_path / "w" / f"out_{r['system']}_12" / "prof0" / "segmentation.seg.nrrd").is_file()
+    st = by["lsnet"]["median_stages_s"]
+    assert set(st) >= {"read", "preprocess", "lnet", "decode_rr", "snet", "postprocess", "write"}
+    assert st["lnet"] > 0
+    # the random model's L-Net is calibrated to fire on a quarter of the slices
+    assert 0.0 < by["lsnet"]["slices_with_rois_fraction"] <= 0.6
+    assert doc["model"]["weights"] == "random"
+
+
+def test_networks_and_training_quick(tmp_path):
+    net, tr = tmp_path / "net.json", tmp_path / "train.json"
+    _run([str(BENCH / "bench_networks.py"), "--quick", "--device", "cpu", "--out", str(net)], tmp_path)
+    _, res = _results(net)
+    assert {r["net"] for r in res} >= {"lnet", "snet", "unet2d_resnet34"}
+    assert all("error" not in r and r["slices_per_s"] > 0 and r["gflop_per_slice"] > 0 for r in res)
+    _run([str(BENCH / "bench_training.py"), "--quick", "--device", "cpu", "--out", str(tr)], tmp_path)
+    _, res = _results(tr)
+    assert len(res) == 1 and "error" not in res[0], res[0].get("error")
+    assert res[0]["slices_per_s"] > 0 and res[0]["schedule"]["all_slices_minutes"] > 0
+    md = _run([str(BENCH / "report.py"), str(tmp_path)], tmp_path).stdout
+    assert "Network throughput" in md and "Training throughput" in md and "| lnet |" in md
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA skip path")
+def test_gpu_benchmarks_skip_cleanly_without_cuda(tmp_path):
+    for script in ("bench_networks.py", "bench_training.py"):
+        out = tmp_path / f"{script}.json"
+        _run([str(BENCH / script), "--device", "cuda", "--out", str(out)], tmp_path, timeout=60)
+        _, res = _results(out)
+        assert len(res) == 1 and "no CUDA" in res[0]["skipped"]
