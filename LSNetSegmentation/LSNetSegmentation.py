@@ -600,9 +600,9 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
     def _getSegmenter(self, weights, device: str):
         key = (weights, device)
         if self._segmenter is None or self._segmenterKey != key:
-            from lsnet.inference import Segmenter  # torch is imported here, after setupPythonRequirements
+            from lsnet.api import load_segmenter  # torch is imported here, after setupPythonRequirements
 
-            self._segmenter = Segmenter(weights=weights, device=device, batch_size=1)
+            self._segmenter = load_segmenter(weights=weights, device=device, batch_size=1)
             self._segmenterKey = key
         return self._segmenter
 

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .decoder import UpBlock, conv_bn_relu
+from .decoder import conv_bn_relu
 from .losses import cls_loss
-from .resnet import ResNetEncoder
+from .snet import UNetSNet
 from .seed_models import SlicePrediction, check_binary, resolve_options
 
 DSMS_DEFAULTS = {
@@ -89,25 +89,21 @@ class RestorationDecoder(nn.Module):
         return self.head(self.levels(bottom))
 
 
-class DSMSUNet(nn.Module):
-    """``(B, C_in, H, W)`` -> logits ``(B, num_classes, H, W)`` (H, W multiples of 32)."""
+class DSMSUNet(UNetSNet):
+    """``(B, C_in, H, W)`` -> logits ``(B, num_classes, H, W)`` (H, W multiples of 32).
+
+    The ResNet U-Net of ``snet.UNetSNet`` plus a multi-scale module on every skip and the restoration
+    decoder."""
 
     def __init__(self, backbone: str = "resnet34", in_channels: int = 1, num_classes: int = 1, width: int = 64,
                  msc_kernels=(1, 3, 5), restoration: bool = True, reconstruction_weight: float = 0.1):
-        super().__init__()
-        self.encoder = ResNetEncoder(backbone, in_channels, width)
+        super().__init__(backbone, in_channels, num_classes, width)
         c = self.encoder.channels
-        d = [4 * width, 2 * width, width, width // 2, width // 4]
+        d = self.decoder_channels
         self.msc4 = MultiScaleConv(c[3], kernels=msc_kernels)
         self.msc3 = MultiScaleConv(c[2], kernels=msc_kernels)
         self.msc2 = MultiScaleConv(c[1], kernels=msc_kernels)
         self.msc1 = MultiScaleConv(c[0], kernels=msc_kernels)
-        self.up1 = UpBlock(c[4], c[3], d[0])  # /16
-        self.up2 = UpBlock(d[0], c[2], d[1])  # /8
-        self.up3 = UpBlock(d[1], c[1], d[2])  # /4
-        self.up4 = UpBlock(d[2], c[0], d[3])  # /2
-        self.up5 = UpBlock(d[3], 0, d[4])  # /1
-        self.head = nn.Conv2d(d[4], num_classes, 1)
         self.restoration = RestorationDecoder(c[4], d, in_channels) if restoration else None
         self.reconstruction_weight = float(reconstruction_weight)
 

@@ -29,7 +29,7 @@ import torch
 from .config import ModelConfig
 from .decode import decode
 from .device import describe, resolve_device
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, WeightsError
 from .preprocess import SliceGrid, canvas_to_original, slice_grid, stack_channels, to_canvas, window
 from .recalibration import paste_back, recalibrate, theta_from_box, theta_from_xyxy
 from .results import RoiBox, SegmentationResult
@@ -83,7 +83,11 @@ class Segmenter:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch.
         amp: bf16 autocast on CUDA (ignored on CPU).
+
+    Other architectures' cards (RSTN, DSMS U-Net, RPN-FCN) load with ``lsnet.load_segmenter``.
     """
+
+    architectures: tuple = ("lsnet",)
 
     def __init__(self, model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True, card: Optional[dict] = None):
         from .weights import load_model
@@ -91,6 +95,11 @@ class Segmenter:
         self.device = resolve_device(device)
         if model is None:
             model, card = load_model(weights, device="cpu")
+        if model.config.architecture not in self.architectures:
+            raise WeightsError(
+                f"{type(self).__name__} runs {', '.join(self.architectures)} models, not {model.config.architecture!r}: "
+                "use lsnet.load_segmenter(weights=...), which picks the right runner from the model card."
+            )
         self.card = card or {"name": "in-memory model", "config": model.config.to_dict()}
         self.model = model.eval()
         self.config: ModelConfig = model.config

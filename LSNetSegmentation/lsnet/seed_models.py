@@ -147,6 +147,8 @@ def dsc_from_counts(inter: int, total: int) -> float:
 class SeedSegmenter(Segmenter):
     """:class:`lsnet.inference.Segmenter` for the seed architectures (see the module docstring)."""
 
+    architectures = SEED_ARCHITECTURES
+
     @torch.inference_mode()
     def _run_batch(self, raw: np.ndarray, grid, want_heatmap: bool):
         x = self._canvas(raw, grid)

@@ -27,6 +27,7 @@ class UNetSNet(nn.Module):
         self.encoder = ResNetEncoder(backbone, in_channels, width)
         c = self.encoder.channels
         d = [4 * width, 2 * width, width, width // 2, width // 4]
+        self.decoder_channels = d
         self.up1 = UpBlock(c[4], c[3], d[0])  # /16
         self.up2 = UpBlock(d[0], c[2], d[1])  # /8
         self.up3 = UpBlock(d[1], c[1], d[2])  # /4
