@@ -158,3 +158,21 @@ def test_weights_round_trip_and_info(tmp_path, phantom, capsys):
     with pytest.raises(WeightsError, match="sha256"):
         load_model(path)
     assert cli_main(["info", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_python_api_front_door(tmp_path, phantom):
+    """The README's Python example: load_segmenter -> segment -> write_outputs (one code path)."""
+    import lsnet
+
+    path = save_model(eager_model(4), tmp_path / "m.safetensors", {"description": "api test"})
+    seg = lsnet.load_segmenter(weights=path, device="cpu")
+    nrrd = tmp_path / "ct.nrrd"
+    import SimpleITK as sitk
+
+    sitk.WriteImage(phantom.to_sitk(), str(nrrd))
+    res = seg.segment_file(nrrd)
+    assert "read" in res.timings and res.mask.shape == phantom.shape
+    written = lsnet.write_outputs(res, tmp_path / "out")
+    assert written["seg_nrrd"].exists()
+    direct = lsnet.segment_volume(lsnet.read_volume(nrrd), weights=path, device="cpu")
+    np.testing.assert_array_equal(direct.mask, res.mask)

@@ -3,9 +3,10 @@
 The same code path serves the 3D Slicer module, the ``lsnet`` command line and Python users::
 
     import lsnet
-    model = lsnet.load_model()                      # bundled default weights
-    result = lsnet.segment_file("ct.nii.gz", model)  # or lsnet.segment_volume(volume, model)
+    seg = lsnet.load_segmenter(device="auto")       # bundled default weights (or weights="my.safetensors")
+    result = seg.segment_file("ct.nii.gz")           # or seg.segment_volume(lsnet.read_volume(path))
     lsnet.write_outputs(result, "out/")
+    mask, prob = seg.segment_box(result.volume, k, box)   # S-Net only inside a user box (correction)
 
 See ``docs/conventions.md`` for coordinate conventions and ``docs/method.md`` for how each paper
 equation maps onto a module.

@@ -26,7 +26,9 @@ class UNetSNet(nn.Module):
         super().__init__()
         self.encoder = ResNetEncoder(backbone, in_channels, width)
         c = self.encoder.channels
-        d = [4 * width, 2 * width, width, width // 2, width // 4]
+        # (open choice) the two full-resolution stages keep at least 16 channels: with narrow networks
+        # (width < 64) width // 4 would leave 2-4 channels there and S-Net barely learns (tested).
+        d = [4 * width, 2 * width, width, max(width // 2, 16), max(width // 4, 16)]
         self.decoder_channels = d
         self.up1 = UpBlock(c[4], c[3], d[0])  # /16
         self.up2 = UpBlock(d[0], c[2], d[1])  # /8
