@@ -151,6 +151,7 @@ def save_model(model, path: os.PathLike, card: Optional[dict[str, Any]] = None, 
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"lsnet_card": json.dumps(card)})
     os.replace(tmp, path)
+    path.chmod(0o644)  # a model file is data to share, not a private temp file
     card["sha256"] = sha256_of(path)
     tmpj = card_path_for(path).with_name(card_path_for(path).name + ".tmp")
     tmpj.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
