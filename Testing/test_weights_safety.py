@@ -215,3 +215,17 @@ def test_cli_reports_bad_weights_in_one_line(tmp_path, capsys, good):
     assert not marker.exists()
     assert not out.exists() or not any(out.iterdir())
     assert os.path.exists(ct)
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    """Regression: the first byte of a safetensors file is the low byte of its header length."""
+    import json as _json
+
+    from lsnet.weights import _sniff
+
+    header = _json.dumps({"__metadata__": {"x": "y"}}).encode()
+    header += b" " * ((0x180 - len(header)) % 256 or 256)  # header length = 0x180: first byte 0x80
+    assert len(header) & 0xFF == 0x80
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(len(header).to_bytes(8, "little") + header)
+    _sniff(p)  # no WeightsError

@@ -25,6 +25,7 @@ from torch import nn
 
 from lsnet.config import ModelConfig
 from lsnet.inference import lsnet_predict, merge_max
+from lsnet.seed_models import box_of_mask
 from lsnet.decode import decode, rois_from_cells, sample_topk_keypoints
 from lsnet.losses import cls_loss, snet_loss
 from lsnet.model import LSNet
@@ -143,20 +144,9 @@ class SegSystem(nn.Module):
 
 def mask_boxes(masks: torch.Tensor) -> tuple:
     """Union box ``(x0, y0, x1, y1)`` of every non-empty mask ``(B, H, W)`` -> ``(boxes (N, 4), batch (N,))``."""
-    b, h, w = masks.shape
-    rows = masks.any(2)
-    cols = masks.any(1)
-    has = rows.any(1)
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
-    big = 1 << 30
-    y0 = torch.where(rows, ar_h, big).min(1).values
-    y1 = torch.where(rows, ar_h, -1).max(1).values + 1
-    x0 = torch.where(cols, ar_w, big).min(1).values
-    x1 = torch.where(cols, ar_w, -1).max(1).values + 1
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    boxes, has = box_of_mask(masks > 0)
     idx = torch.nonzero(has).flatten()
-    return boxes[idx], idx
+    return boxes[idx].float(), idx
 
 
 class CoarseToFineSystem(nn.Module):

@@ -50,23 +50,29 @@ def card_path_for(weights: Path) -> Path:
 
 
 def _sniff(path: Path) -> None:
-    """Refuse pickles / zip checkpoints / non-safetensors files before any parser sees them."""
+    """Refuse pickles / zip checkpoints / non-safetensors files before any parser sees them.
+
+    A safetensors file starts with an 8-byte little-endian header length followed by ``{``; that is
+    checked first (its first byte can be anything, 0x80 included), then the pickle/zip signatures.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= min(size - 8, 100_000_000) and head[8:9] == b"{":
+            return
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise WeightsError(
             f"{path} is a pickled PyTorch checkpoint (.pt/.pth). LSNet never unpickles files because they "
             "can run code. Export the model with `python -m training.export CHECKPOINT -o model.safetensors` "
             "on a machine you trust, then load the .safetensors file."
         )
-    if len(head) < 8:
+    if len(head) < 9:
         raise WeightsError(f"{path} is too short to be a safetensors file ({len(head)} bytes): the file is truncated or empty.")
-    n = int.from_bytes(head[:8], "little")
-    size = path.stat().st_size
-    if n <= 0 or n > min(size - 8, 100_000_000) or head[8:9] != b"{":
-        raise WeightsError(
-            f"{path} is not a safetensors file (bad header). Choose an LSNet weights file (.safetensors with its .json model card)."
-        )
+    raise WeightsError(
+        f"{path} is not a safetensors file (bad header). Choose an LSNet weights file (.safetensors with its .json model card)."
+    )
 
 
 def _header(path: Path) -> dict[str, Any]:
