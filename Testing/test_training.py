@@ -240,3 +240,18 @@ def test_training_from_a_packed_cache_without_sources(tmp_path):
     assert sorted(split["train_patients"] + split["val_patients"]) == ["P0", "P1", "P2", "P3"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["last"]["val_dsc"] is not None and summary["device"] == "cpu"
+
+
+@pytest.mark.parametrize("method", ["rstn", "dsms_unet", "rpn_fcn"])
+def test_seed_systems_train_and_export_through_the_same_entry_point(method, tmp_path, cache_dir):
+    """Issue 5: the seed systems train with ``training.train`` and export to engine weights."""
+    from lsnet.weights import load_model
+    from training.export import export
+
+    out = tmp_path / method
+    assert main(_args(method, out, cache_dir) + ["--set", "train.epochs=1"]) == 0
+    rows = _rows(out / "history.csv")
+    assert rows and float(rows[-1]["train_loss_seed"]) > 0
+    w = export(out, tmp_path / f"{method}.safetensors", which="last")
+    model, card = load_model(w)
+    assert card["config"]["architecture"] == method and model.config.architecture == method

@@ -25,7 +25,7 @@ from lsnet.weights import save_model
 
 from .methods import build_system
 
-EXPORTABLE = {"lsnet"}
+EXPORTABLE = {"lsnet", "rstn", "dsms_unet", "rpn_fcn"}
 
 
 def find_checkpoint(path: Path, which: str) -> Path:

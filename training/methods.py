@@ -25,7 +25,9 @@ from torch import nn
 
 from lsnet.config import ModelConfig
 from lsnet.inference import lsnet_predict, merge_max
-from lsnet.seed_models import box_of_mask
+from lsnet.registry import build_model
+from lsnet.seed_models import SEED_ARCHITECTURES, box_of_mask, predict_slices
+from lsnet.seed_models import training_losses as seed_training_losses
 from lsnet.decode import decode, rois_from_cells, sample_topk_keypoints
 from lsnet.losses import cls_loss, snet_loss
 from lsnet.model import LSNet
@@ -211,6 +213,33 @@ class CoarseToFineSystem(nn.Module):
         return {"prob": prob, "boxes": boxes, "box_batch": idx, "box_scores": torch.ones(len(idx), device=images.device)}
 
 
+class SeedSystem(nn.Module):
+    """A seed system of issue 5 (RSTN, DSMS U-Net, RPN-FCN: ``lsnet.seed_models``) trained end to end on
+    its own objective (``training_losses``), one optimiser step per iteration, as in its paper."""
+
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        self.model = build_model(mc)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def first_stage_parameters(self):
+        return []
+
+    def forward(self, mode: str, images: torch.Tensor, masks: torch.Tensor | None = None, **_):
+        if mode == "seed":
+            return seed_training_losses(self.model, images, masks)
+        if mode == "predict":
+            return self.predict(images)
+        raise ValueError(mode)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict:
+        return predict_slices(self.model, images).as_dict()
+
+
 def build_system(cfg: dict) -> nn.Module:
     """The system named by ``cfg["method"]`` (see :mod:`training.config`)."""
     mc = ModelConfig.from_dict(cfg["model"])
@@ -225,6 +254,9 @@ def build_system(cfg: dict) -> nn.Module:
         return LSNetSystem(mc, int(cfg["lsnet"]["topk"]), cfg["lsnet"]["roi_mode"])
     if m in ("unet", "fcn"):
         return SegSystem(mc, m, bl["backbone"], loss)
+    if m in SEED_ARCHITECTURES:
+        mc.architecture = m
+        return SeedSystem(mc)
     if m == "c2f":
         return CoarseToFineSystem(mc, bl["structure"], bl["coarse_backbone"], bl["backbone"], bl["pad"],
                                   bl["fine_box"], bl["jitter"], loss)
@@ -233,4 +265,6 @@ def build_system(cfg: dict) -> nn.Module:
 
 def training_phases(cfg: dict) -> list:
     """The forward modes of one iteration, each followed by its own optimiser step."""
+    if cfg["method"] in SEED_ARCHITECTURES:
+        return ["seed"]
     return {"lsnet": ["lnet", "snet"], "unet": ["seg"], "fcn": ["seg"], "c2f": ["coarse", "fine"]}[cfg["method"]]
