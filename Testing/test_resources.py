@@ -26,13 +26,9 @@ from lsnet.inference import Segmenter
 from lsnet.model import LSNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine (spinning workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from reliability_helpers import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model(seed: int = 0) -> LSNet:
