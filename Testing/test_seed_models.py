@@ -145,7 +145,8 @@ def test_rstn_iteration_stops_on_the_inter_iteration_dsc():
 
 def test_rstn_volume_iteration_matches_the_batch_rule_and_is_batch_size_independent():
     """SeedSegmenter iterates over the whole volume; with a 1.25 mm / 64 px phantom the canvas is the
-    slice grid, so its probabilities must equal predict_slices on all slices at once."""
+    slice grid, so its probabilities must equal predict_slices on all slices at once (without the
+    volume step of lsnet.postprocess, which would remove small components)."""
     img, _ = make_phantom_volume((5, 64, 64), (1.25, 1.25, 2.5), seed=4, target_scale=1.0)
     torch.manual_seed(0)
     m = small("rstn", max_rounds=4, converge_t=0.999).eval()
@@ -153,12 +154,15 @@ def test_rstn_volume_iteration_matches_the_batch_rule_and_is_batch_size_independ
     m.fine = Fn(lambda t: 20 * (t[:, :1] - 0.4))
     x = torch.from_numpy(window(img.array.astype(np.float32), (0.0, 255.0)))[:, None]
     want = m.predict_slices(x)
-    res2 = SeedSegmenter(model=m, device="cpu", batch_size=2).segment_volume(img)
-    res5 = SeedSegmenter(model=m, device="cpu", batch_size=5).segment_volume(img)
+    res2 = SeedSegmenter(model=m, device="cpu", batch_size=2, largest_component=False).segment_volume(img)
+    res5 = SeedSegmenter(model=m, device="cpu", batch_size=5, largest_component=False).segment_volume(img)
     assert res2.timings["rstn_rounds"] == res5.timings["rstn_rounds"] == want.info["rounds"]
     assert np.allclose(res2.heatmap, want.prob[:, 0].numpy(), atol=2e-3)
     assert np.array_equal(res2.mask, res5.mask)
     assert len(res2.boxes) == len(want.boxes) and {b.source for b in res2.boxes} <= {"rstn"}
+    # with the volume step (default) the iterative path post-processes too
+    res_pp = SeedSegmenter(model=m, device="cpu", batch_size=5).segment_volume(img)
+    assert res_pp.postprocess["step"] == "largest_component" and res_pp.mask.sum() <= res2.mask.sum()
 
 
 # ------------------------------------------------------------------------------------------- DSMS U-Net

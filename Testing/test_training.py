@@ -165,8 +165,36 @@ def test_evaluate_writes_tables_for_runs(trained, tmp_path):
         assert int(r["slices_fg"]) > 0 and r["dsc"] != "" and r["miou"] != ""
         assert 0.0 <= float(r["dsc"]) <= 1.0
         assert int(r["volumes"]) == int(r["patients"])  # phantoms are volumes: per-volume metrics exist
+        # the volume step never adds foreground: its FP-slice rate is at most the raw one
+        if r["vol_fp_slice_rate"] != "":
+            assert float(r["vol_fp_slice_rate_lcc"]) <= float(r["vol_fp_slice_rate"])
+        assert r["vol_dsc_lcc"] != "" and r["split"] == "val"
     md = (res / "results.md").read_text()
-    assert md.count("\n| ") == 2 and "DSC %" in md  # two run rows after the header
+    first_table = md.split("\n\n")[0]
+    assert first_table.count("\n| ") == 2 and "DSC %" in md  # two run rows after the header
+    assert "largest-3-D-component" in md and md.count("| lsnet") + md.count("| c2f") >= 2
+    # the same runs on their training patients (Table 4's "mIoU in training")
+    res_t = tmp_path / "res_train"
+    assert evaluate_main([str(trained["lsnet"]), "--out", str(res_t), "--checkpoint", "last", "--split", "train"]) == 0
+    (row,) = _rows(res_t / "results.csv")
+    assert row["split"] == "train" and int(row["patients"]) > 0 and row["miou"] != ""
+    # the paper's tables from these results (one run per group: SD 0, n = 1)
+    from training.paper_tables import main as tables_main
+
+    name_l, name_c = Path(trained["lsnet"]).name, Path(trained["c2f"]).name  # lsnet_f0, c2f_f0 -> groups lsnet, c2f
+    out_md = tmp_path / "tables.md"
+    assert tables_main([str(res / "results.csv"), "--train", str(res_t / "results.csv"),
+                        "--table3", f"U-Net={name_c[:-3]}", f"L-Net={name_l[:-3]}",
+                        "--table4", f"0.1={name_l[:-3]}", "--table2", "S-Net=missing_group", "--out", str(out_md)]) == 0
+    md = out_md.read_text()
+    val_l = next(r for r in rows if r["method"] == "lsnet")
+    assert f"| L-Net | {100 * float(val_l['miou']):.2f} +- 0.00 (1) | {100 * float(val_l['dsc']):.2f} +- 0.00 (1) |" in md
+    assert f"| 0.1 | {100 * float(row['miou']):.2f} +- 0.00 (1) |" in md
+    assert "(skipped: no results for missing_group)" in md
+    import re
+
+    params = {m.group(1): float(m.group(2)) for m in re.finditer(r"\| (U-Net|L-Net) \| .* \| (\d+\.\d\d) \|", md)}
+    assert set(params) == {"U-Net", "L-Net"} and all(v > 0 for v in params.values())  # first-stage sizes counted
 
 
 def test_metrics_definitions():

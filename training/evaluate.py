@@ -16,7 +16,13 @@ Metrics (definitions in ``training/metrics.py``):
 * ``miou``: best IoU of the first stage's boxes with each ground-truth object, averaged over objects
   (Tables 3-4; two-stage methods only);
 * ``vol_dsc``, ``hd95_mm``: per volume (cases with contiguous slices), averaged over volumes; HD95 on
-  the canvas grid with its physical spacing.
+  the canvas grid with its physical spacing;
+* the same volumes after the engine's volume step (``lsnet/postprocess.py``, largest 3-D component):
+  ``vol_dsc_lcc``, ``hd95_lcc_mm``, and ``vol_fp_slice_rate`` / ``vol_fp_slice_rate_lcc`` (false-positive
+  slice rate over the volumes' slices without foreground, before / after the step).
+
+``--split train`` evaluates each run on its own training patients instead (e.g. Table 4's "mIoU in
+training").
 
 Writes ``results.md`` (a Markdown table per run and a summary per method over folds: mean +- standard
 deviation across runs) and ``results.csv``; prints the Markdown.  Numbers come only from these runs.
@@ -49,8 +55,9 @@ from .train import CachedCase, load_checkpoint, resolve_device
 
 log = logging.getLogger("training.evaluate")
 
-COLUMNS = ["label", "method", "fold", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc", "dsc_sd",
-           "precision", "recall", "miou", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "seconds"]
+COLUMNS = ["label", "method", "fold", "split", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc", "dsc_sd",
+           "precision", "recall", "miou", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_lcc", "hd95_lcc_mm",
+           "vol_fp_slice_rate", "vol_fp_slice_rate_lcc", "seconds", "run"]
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple:
@@ -76,7 +83,11 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
     system.eval()
     in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels
     acc = MeanAccumulator()
+    from lsnet.postprocess import keep_largest_component
+
     vol_dsc, vol_hd, slice_dsc = [], [], []
+    vol_lcc = {"vol_dsc_lcc": [], "hd95_lcc_mm": []}
+    vol_fp = {"raw": [0, 0], "lcc": [0, 0]}  # [bg slices with a prediction, bg slices]
     n_fg = n_bg = 0
     for cid in case_ids:
         img, lab = cache.arrays(cid)
@@ -115,7 +126,19 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             gt = np.asarray(lab) > 0
             vol_dsc.append(volume_dsc(pred_vol, gt))
             vol_hd.append(hd95(pred_vol, gt, (sz, sp, sp)))
+            lcc = pred_vol.copy()
+            keep_largest_component(lcc)
+            vol_lcc["vol_dsc_lcc"].append(volume_dsc(lcc, gt))
+            vol_lcc["hd95_lcc_mm"].append(hd95(lcc, gt, (sz, sp, sp)))
+            bg = ~gt.any(axis=(1, 2))
+            for key, m in (("raw", pred_vol), ("lcc", lcc)):
+                vol_fp[key][0] += int((m.any(axis=(1, 2)) & bg).sum())
+                vol_fp[key][1] += int(bg.sum())
     r = acc.result()
+    for key, values in vol_lcc.items():
+        r[key] = float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None
+    r["vol_fp_slice_rate"] = vol_fp["raw"][0] / vol_fp["raw"][1] if vol_fp["raw"][1] else None
+    r["vol_fp_slice_rate_lcc"] = vol_fp["lcc"][0] / vol_fp["lcc"][1] if vol_fp["lcc"][1] else None
     r["dsc_sd"] = float(np.std(slice_dsc, ddof=1)) if len(slice_dsc) > 1 else None
     r["slices_fg"], r["slices_bg"] = n_fg, n_bg
     r["volumes"] = len(vol_dsc)
@@ -125,7 +148,7 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
 
 
 def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Optional[list], batch_size: int,
-                 cache_dir: Optional[str], amp: bool) -> dict:
+                 cache_dir: Optional[str], amp: bool, split: str = "val") -> dict:
     cfg, state, ck_name = load_run(run_dir, which)
     system = build_system(cfg)
     system.load_state_dict(state["system"])
@@ -147,13 +170,16 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
         else:
             pool = cases_from_specs(cfg["data"]["datasets"])
             cache.build(pool, progress=sys.stderr.isatty())
-        _, eval_cases = split_cases(pool, fold, int(cfg["data"]["folds"]), int(cfg["data"]["split_seed"]))
+        train_cases, eval_cases = split_cases(pool, fold, int(cfg["data"]["folds"]), int(cfg["data"]["split_seed"]))
+        if split == "train":
+            eval_cases = train_cases
         cache.open([c.case_id for c in eval_cases])
     t0 = time.perf_counter()
     r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp)
     r.update({
         "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": int(state["epoch"]),
         "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
+        "split": split if data_specs is None else "data",
     })
     return r
 
@@ -189,6 +215,15 @@ def to_markdown(rows: list) -> str:
                 v = [x[k] for x in g if x.get(k) is not None]
                 cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
             lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
+    vol_rows = [r for r in rows if r.get("volumes")]
+    if vol_rows:
+        lines += ["", "Volumes, before -> after the largest-3-D-component step (lsnet/postprocess.py):", "",
+                  "| run | volumes | vol DSC % | HD95 mm | FP-slice % (volume slices without foreground) |",
+                  "|---|---|---|---|---|"]
+        for r in vol_rows:
+            lines.append(f"| {r['label']} | {r['volumes']} | {_fmt(r.get('vol_dsc'))} -> {_fmt(r.get('vol_dsc_lcc'))} | "
+                         f"{_fmt(r.get('hd95_mm'), pct=False)} -> {_fmt(r.get('hd95_lcc_mm'), pct=False)} | "
+                         f"{_fmt(r.get('vol_fp_slice_rate'))} -> {_fmt(r.get('vol_fp_slice_rate_lcc'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,6 +237,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--split", default="val", choices=["val", "train"],
+                    help="evaluate on each run's validation patients (default) or on its training patients")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -212,8 +249,9 @@ def main(argv: Optional[list] = None) -> int:
             label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
             run_dir = Path(d)
             label = label or run_dir.name
-            r = evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp)
+            r = evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp, args.split)
             r["label"] = label
+            r["run"] = str(run_dir)
             r["group"] = label.rsplit("_f", 1)[0] if label.rsplit("_f", 1)[-1].isdigit() else label
             rows.append(r)
             log.info("%s: %s", label, {k: r.get(k) for k in ("dsc", "precision", "recall", "miou", "fp_slice_rate")})

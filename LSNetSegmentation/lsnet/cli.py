@@ -45,6 +45,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nifti", action="store_true", help="also write segmentation.nii.gz (labelmap)")
     p.add_argument("--no-heatmap", action="store_true", help="do not write heatmap.nrrd")
     p.add_argument("--dicom-seg", action="store_true", help="also write segmentation.dcm (DICOM SEG referencing the source series; DICOM input only)")
+    p.add_argument("--all-components", action="store_true",
+                   help="keep every connected component of the mask (default: only the largest 3-D component of a volume, see docs/method.md)")
     p.add_argument("--allow-non-ct", action="store_true", help="segment a non-CT DICOM series (e.g. MR) anyway; the result is meaningless outside CT")
     p.add_argument("--progress-json", action="store_true", help="machine-readable progress on stdout (JSON lines)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -103,7 +105,11 @@ def summary_line(result, seconds: float) -> str:
     vox = result.num_voxels
     sp = result.volume.spacing
     ml = vox * sp[0] * sp[1] * sp[2] / 1000.0
-    return f"{n_slices} slices, {len(result.boxes)} RoIs, {vox} voxels ({ml:.1f} ml), {seconds:.1f} s on {result.device}"
+    on = result.slices_with_mask
+    removed = result.postprocess.get("removed_slices", 0)
+    pp = f" (largest component kept: {removed} slices cleared)" if removed else ""
+    return (f"{n_slices} slices, {on} with segmentation{pp}, {len(result.boxes)} RoIs, {vox} voxels ({ml:.1f} ml), "
+            f"{seconds:.1f} s on {result.device}")
 
 
 def _output_kwargs(args) -> dict:
@@ -126,7 +132,8 @@ def _check_outputs_free(outdir: Path, args) -> None:
 def _make_segmenter(args):
     from .seed_models import make_segmenter
 
-    return make_segmenter(weights=args.weights, device=args.device, batch_size=args.batch_size)
+    return make_segmenter(weights=args.weights, device=args.device, batch_size=args.batch_size,
+                          largest_component=not getattr(args, "all_components", False))
 
 
 def _read_input(args, path):
@@ -257,9 +264,11 @@ def _summary_dict(result, secs: float) -> dict:
         "slices": int(result.mask.shape[0]),
         "rois": len(result.boxes),
         "voxels": result.num_voxels,
+        "slices_with_mask": result.slices_with_mask,
         "seconds": round(secs, 3),
         "device": result.device,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "postprocess": dict(result.postprocess),
     }
 
 

@@ -13,6 +13,9 @@ overlapping one that does not cover the organ.
 Speed on CUDA: bf16 autocast, channels-last, decoding and pasting on the GPU, S-Net skipped for batches
 without RoIs, one host copy per batch.  CUDA out-of-memory halves the batch and retries; at batch 1 it
 falls back to the CPU with a warning.
+
+After the last batch, volumes keep only their largest 3-D connected component per label
+(``postprocess.py``; not in the paper, on by default, ``largest_component=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -83,15 +86,19 @@ class Segmenter:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch.
         amp: bf16 autocast on CUDA (ignored on CPU).
+        largest_component: keep only the largest 3-D connected component of each label of a volume
+            with more than one slice, and the RoIs on it (``postprocess.py``; not in the paper).
 
     Other architectures' cards (RSTN, DSMS U-Net, RPN-FCN) load with ``lsnet.load_segmenter``.
     """
 
     architectures: tuple = ("lsnet",)
 
-    def __init__(self, model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True, card: Optional[dict] = None):
+    def __init__(self, model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True,
+                 card: Optional[dict] = None, largest_component: bool = True):
         from .weights import load_model
 
+        self.largest_component = bool(largest_component)
         self.device = resolve_device(device)
         if model is None:
             model, card = load_model(weights, device="cpu")
@@ -221,8 +228,23 @@ class Segmenter:
             start = stop
             if progress is not None:
                 progress(start, k, {"rois": len(boxes)})
+        boxes, report = self._postprocess_volume(mask, mask_c, boxes, timings)
         timings["total"] = time.perf_counter() - t0
-        return SegmentationResult(volume, mask, heat, boxes, reo, self.card, describe(self.device), timings)
+        return SegmentationResult(volume, mask, heat, boxes, reo, self.card, describe(self.device), timings, report)
+
+    def _postprocess_volume(self, mask: np.ndarray, mask_c: np.ndarray, boxes: list, timings: dict) -> tuple:
+        """The volume step of ``postprocess.py`` on the finished mask (in place; ``mask_c`` is its
+        canonical view) -> (kept boxes, report dict, empty when the step did not run)."""
+        if not self.largest_component or mask.shape[0] < 2:
+            return boxes, {}
+        from .postprocess import boxes_on_mask, keep_largest_component
+
+        t = time.perf_counter()
+        report = keep_largest_component(mask).as_dict()
+        kept = boxes_on_mask(boxes, mask_c) if report["removed_voxels"] else boxes
+        report.update({"step": "largest_component", "removed_rois": len(boxes) - len(kept)})
+        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t
+        return kept, report
 
     def segment_file(self, path, **kwargs) -> SegmentationResult:
         """Read ``path`` (NIfTI, NRRD, MHA, DICOM folder) and segment it; ``timings['read']`` is added."""

@@ -153,6 +153,7 @@ def boxes_document(result: SegmentationResult) -> dict:
             "ijk_to_ras": vol.ijk_to_ras().tolist(),
         },
         "reorientation": reo.to_dict(),
+        "postprocess": dict(result.postprocess),
         "boxes": boxes_to_records(result.boxes, vol, reo),
     }
 

@@ -66,6 +66,8 @@ class SegmentationResult:
         model_card: the card of the weights used.
         device: e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``.
         timings: seconds per stage (``read``, ``preprocess``, ``lnet``, ``snet``, ``postprocess``...).
+        postprocess: what the volume step removed (``lsnet.postprocess``: ``step``, ``removed_voxels``,
+            ``removed_components``, ``removed_slices``, ``removed_rois``); empty when it did not run.
     """
 
     volume: Any
@@ -76,7 +78,14 @@ class SegmentationResult:
     model_card: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_voxels(self) -> int:
         return int(np.count_nonzero(self.mask))
+
+    @property
+    def slices_with_mask(self) -> int:
+        """Canonical axial slices with at least one segmented voxel."""
+        can = self.mask if self.reorientation is None else self.reorientation.to_canonical_array(self.mask)
+        return int(can.any(axis=(1, 2)).sum())

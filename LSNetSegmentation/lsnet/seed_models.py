@@ -276,18 +276,21 @@ class SeedSegmenter(Segmenter):
         if progress is not None:
             progress(total, total, {"stage": "done", "rounds": rounds})
         timings["postprocess"] = time.perf_counter() - t2
+        boxes_out, report = self._postprocess_volume(mask, mask_c, boxes_out, timings)
         timings["total"] = time.perf_counter() - t0
         timings["rstn_rounds"] = float(rounds)
         timings["rstn_inter_iteration_dsc"] = float(dscs[-1]) if dscs else float("nan")
-        return SegmentationResult(volume, mask, heat, boxes_out, reo, self.card, describe(self.device), timings)
+        return SegmentationResult(volume, mask, heat, boxes_out, reo, self.card, describe(self.device), timings, report)
 
 
-def make_segmenter(model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True, card: Optional[dict] = None) -> Segmenter:
+def make_segmenter(model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True,
+                   card: Optional[dict] = None, largest_component: bool = True) -> Segmenter:
     """A :class:`Segmenter` (L-SNet) or :class:`SeedSegmenter` (any seed architecture) for ``model`` or
-    the weights file ``weights`` (card architecture name decides)."""
+    the weights file ``weights`` (card architecture name decides); ``largest_component``: see
+    :class:`lsnet.inference.Segmenter`."""
     if model is None:
         from .weights import load_model
 
         model, card = load_model(weights, device="cpu")
     cls = SeedSegmenter if model.config.architecture in SEED_ARCHITECTURES else Segmenter
-    return cls(model=model, device=device, batch_size=batch_size, amp=amp, card=card)
+    return cls(model=model, device=device, batch_size=batch_size, amp=amp, card=card, largest_component=largest_component)

@@ -1,0 +1,112 @@
+"""Volume-level post-processing of the per-slice masks: keep the largest 3-D connected component.
+
+Not part of the paper.  L-SNet (paper section 2.5) works slice by slice and is evaluated per slice, so
+the paper has no volume step.  Users run the model on whole abdominal CTs, where every slice without
+pancreas is a chance for a false positive.  The pancreas is one connected organ, so a standard volume
+step (the one nnU-Net selects by cross-validation) is to keep, for every label value, only the largest
+3-D connected component of the mask and to drop the rest.  Measured on the one held-out real volume
+(NIH PANCREAS_0001, model of cross-validation fold 2, docs/results.md): slices without pancreas that
+get a mask drop from 96 % to 23 % and volume DSC rises from 0.32 to 0.47.  It is on by default for
+volumes with more than one slice and off with ``lsnet segment --all-components`` /
+``Segmenter(largest_component=False)``.
+
+Connectivity: 26-neighbourhood (faces, edges and corners), on the voxel grid whatever the spacing: the
+organ must stay one component on thick-slice CTs too, so the test is as lenient as a grid allows.
+
+RoIs: a box is kept when the kept mask has at least one voxel in the region S-Net segmented for it (the
+box grown by its Eq. 3 margin, ``RoiBox.margin_px / 2`` per side); the boxes of removed components are
+dropped from the result (the heatmap still shows everything L-Net found).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .results import RoiBox
+
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass
+class PostprocessReport:
+    """What :func:`keep_largest_component` removed: voxels, components and slices (summed over labels)."""
+
+    removed_voxels: int = 0
+    removed_components: int = 0
+    removed_slices: int = 0
+
+    def as_dict(self) -> dict:
+        return {"removed_voxels": self.removed_voxels, "removed_components": self.removed_components,
+                "removed_slices": self.removed_slices}
+
+
+def keep_largest_component(mask: np.ndarray) -> PostprocessReport:
+    """Keep only the largest 26-connected component of each label value of ``mask``, **in place**.
+
+    Args:
+        mask: ``(K, J, I)`` integer label map (0 = background), any axis order (connectivity is
+            symmetric in the three axes).
+    Returns:
+        a :class:`PostprocessReport`; ties between equally large components keep the first one in
+        ``scipy.ndimage.label`` order (lowest flat index), so the result is deterministic.
+
+    Cost: only the bounding box of the foreground is labelled (``int16`` labels when they fit), and
+    components are removed inside their own bounding boxes, so the extra memory is at most ~3 bytes per
+    voxel of the foreground's bounding box and a sparse mask in a large CT costs little.
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3-D (K, J, I), got shape {mask.shape}")
+    report = PostprocessReport()
+    axes_any = [mask.any(axis=(1, 2)), mask.any(axis=(0, 2)), mask.any(axis=(0, 1))]
+    if not axes_any[0].any():
+        return report
+    bbox = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in axes_any)
+    region = mask[bbox]  # a view: edits below change ``mask``
+    values = [1] if region.max() == 1 else np.unique(region[region != 0])  # foreground voxels only: cheap
+    for value in values:
+        fg = region == value
+        labels, n = _label(fg)
+        if n <= 1:
+            continue
+        objects = ndimage.find_objects(labels)
+        sizes = [int(np.count_nonzero(labels[obj] == i + 1)) for i, obj in enumerate(objects)]
+        keep = int(np.argmax(sizes))
+        slices_before = int(fg.any(axis=(1, 2)).sum())
+        for i, obj in enumerate(objects):
+            if i != keep:
+                part = region[obj]
+                part[labels[obj] == i + 1] = 0
+        report.removed_voxels += sum(sizes) - sizes[keep]
+        report.removed_components += n - 1
+        report.removed_slices += slices_before - int((region == value).any(axis=(1, 2)).sum())
+    return report
+
+
+def _label(fg: np.ndarray) -> tuple:
+    """26-connected labels of a boolean array: ``int16`` when the count fits, else ``int32``."""
+    try:
+        return ndimage.label(fg, structure=_STRUCTURE_26, output=np.int16)
+    except RuntimeError:  # more components than int16 holds
+        return ndimage.label(fg, structure=_STRUCTURE_26, output=np.int32)
+
+
+def boxes_on_mask(boxes: list[RoiBox], canonical_mask: np.ndarray) -> list[RoiBox]:
+    """The boxes whose S-Net region (box + ``margin_px / 2`` per side, pixel edges rounded outwards) on
+    their slice holds mask voxels.
+
+    ``canonical_mask`` ``(K, H, W)`` is the mask in canonical order, the frame of :class:`RoiBox`.
+    """
+    K, H, W = canonical_mask.shape
+    kept = []
+    for b in boxes:
+        if not 0 <= b.slice_index < K:
+            continue
+        m = 0.5 * b.margin_px
+        x0, y0 = max(int(np.floor(b.x0 - m)), 0), max(int(np.floor(b.y0 - m)), 0)
+        x1, y1 = min(int(np.ceil(b.x1 + m)), W), min(int(np.ceil(b.y1 + m)), H)
+        if x1 > x0 and y1 > y0 and canonical_mask[b.slice_index, y0:y1, x0:x1].any():
+            kept.append(b)
+    return kept
