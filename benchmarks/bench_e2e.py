@@ -184,7 +184,8 @@ def _child_lsnet(a, dev, res):
         write_outputs(r, outdir, overwrite=True, heatmap=heat)
         t3 = time.perf_counter()
         run = {"total": t3 - t0, "read": t1 - t0, "segment": t2 - t1, "write": t3 - t2, "profiled": profile, "gpu_peak_mb": _gpu_peak_mb(dev),
-               "cpu_s": _cpu_s() - c0, "loadavg_1min_before": la}
+               "cpu_s": _cpu_s() - c0, "loadavg_1min_before": la,
+               "volume_step": r.timings.get("volume_step"), "slices_with_mask": r.slices_with_mask}
         if profile:
             acc = dict(seg.acc)
             tim = r.timings

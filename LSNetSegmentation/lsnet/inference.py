@@ -243,7 +243,8 @@ class Segmenter:
         report = keep_largest_component(mask).as_dict()
         kept = boxes_on_mask(boxes, mask_c) if report["removed_voxels"] else boxes
         report.update({"step": "largest_component", "removed_rois": len(boxes) - len(kept)})
-        timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t
+        timings["volume_step"] = time.perf_counter() - t
+        timings["postprocess"] = timings.get("postprocess", 0.0) + timings["volume_step"]
         return kept, report
 
     def segment_file(self, path, **kwargs) -> SegmentationResult:
