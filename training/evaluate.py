@@ -184,6 +184,24 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
     return r
 
 
+def write_results(out: Path, stem: str, markdown: str, rows: list, columns: list) -> str:
+    """Write ``out/stem.md`` and ``out/stem.csv`` (``columns``; None -> empty cell); returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return markdown
+
+
+def group_of(label: str) -> str:
+    """Run group of an evaluate label: ``cv_lsnet_f2`` -> ``cv_lsnet`` (fold suffix removed)."""
+    head, _, tail = label.rpartition("_f")
+    return head if head and tail.isdigit() else label
+
+
 def _fmt(v, pct: bool = True) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -252,19 +270,10 @@ def main(argv: Optional[list] = None) -> int:
             r = evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp, args.split)
             r["label"] = label
             r["run"] = str(run_dir)
-            r["group"] = label.rsplit("_f", 1)[0] if label.rsplit("_f", 1)[-1].isdigit() else label
+            r["group"] = group_of(label)
             rows.append(r)
             log.info("%s: %s", label, {k: r.get(k) for k in ("dsc", "precision", "recall", "miou", "fp_slice_rate")})
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        md = to_markdown(rows)
-        (out / "results.md").write_text(md)
-        with open(out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-        print(md)
+        print(write_results(Path(args.out), "results", to_markdown(rows), rows, COLUMNS))
     except LSNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

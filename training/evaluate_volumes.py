@@ -18,7 +18,6 @@ without a label (e.g. an unlabelled CT) still gives the slice counts.  Writes ``
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from lsnet.errors import LSNetError
 
-from .evaluate import _fmt
+from .evaluate import _fmt, write_results
 from .metrics import hd95, volume_dsc
 
 log = logging.getLogger("training.evaluate_volumes")
@@ -109,16 +108,7 @@ def main(argv: Optional[list] = None) -> int:
                     r["weights"] = Path(w).name
                     rows.append(r)
                     log.info("%s", r)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        md = to_markdown(rows)
-        (out / "volumes.md").write_text(md)
-        with open(out / "volumes.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-        print(md)
+        print(write_results(Path(args.out), "volumes", to_markdown(rows), rows, COLUMNS))
     except LSNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,16 +32,12 @@ from typing import Optional
 
 import numpy as np
 
+from .evaluate import group_of
+
 
 def read_rows(path: Path) -> list:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def group_of(label: str) -> str:
-    """``cv_lsnet_f2`` -> ``cv_lsnet`` (the fold suffix removed), anything else unchanged."""
-    head, _, tail = label.rpartition("_f")
-    return head if head and tail.isdigit() else label
 
 
 def cell(rows: list, key: str, scale: float = 100.0) -> str:
