@@ -176,3 +176,14 @@ def test_python_api_front_door(tmp_path, phantom):
     assert written["seg_nrrd"].exists()
     direct = lsnet.segment_volume(lsnet.read_volume(nrrd), weights=path, device="cpu")
     np.testing.assert_array_equal(direct.mask, res.mask)
+
+
+def test_heatmap_is_rounded_for_display_and_masks_use_exact_values(phantom):
+    """heatmap.nrrd holds L-Net's heatmap rounded to 1/255 (inference.HEATMAP_LEVELS); the mask does not
+    depend on that rounding."""
+    seg = Segmenter(model=eager_model(), device="cpu", largest_component=False)
+    res = seg.segment_volume(phantom)
+    levels = res.heatmap * 255
+    assert np.abs(levels - np.round(levels)).max() < 1e-3 and 0 <= res.heatmap.min() and res.heatmap.max() <= 1
+    no_heat = seg.segment_volume(phantom, heatmap=False)
+    assert no_heat.heatmap is None and np.array_equal(no_heat.mask, res.mask)

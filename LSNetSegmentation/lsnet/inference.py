@@ -41,6 +41,17 @@ log = logging.getLogger("lsnet")
 
 ProgressFn = Callable[[int, int, dict], None]
 
+HEATMAP_LEVELS = 255
+"""The heatmap returned (and written to heatmap.nrrd) is rounded to multiples of 1/255: it is for display
+only (every decision — components, boxes, masks — uses the exact values first), the error is at most
+0.002, and the rounded float32 volume compresses ~15x smaller and ~10x faster (measured on a 129-slice
+CT: 114 MB / 3.7 s -> 7.4 MB / 0.34 s at gzip level 1), which dominated the write time of long CTs."""
+
+
+def quantize_heatmap(heat: torch.Tensor) -> torch.Tensor:
+    """``heat`` in [0, 1] rounded to multiples of ``1 / HEATMAP_LEVELS`` (same shape and dtype)."""
+    return torch.round(heat * HEATMAP_LEVELS) / HEATMAP_LEVELS
+
 
 def merge_max(prob_rois: torch.Tensor, batch: torch.Tensor, b: int) -> torch.Tensor:
     """The merge rule (module docstring): pixel-wise max of per-RoI maps ``(N, H, W)`` into ``(b, H, W)``."""
@@ -135,7 +146,7 @@ class Segmenter:
         x = x.contiguous(memory_format=torch.channels_last)
         prob, heat, rois = lsnet_predict(self.model, x, grid.original_hw, grid.paste_scale(), self._autocast)
         mask = (prob > c.mask_threshold).to(torch.uint8)
-        hm = canvas_to_original(heat, grid)[:, 0] if want_heatmap else None
+        hm = quantize_heatmap(canvas_to_original(heat, grid)[:, 0]) if want_heatmap else None
         boxes = grid.to_original_xyxy(rois.boxes) if len(rois) else rois.boxes
         out = (
             mask.cpu().numpy(),

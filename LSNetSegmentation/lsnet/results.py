@@ -59,7 +59,8 @@ class SegmentationResult:
     Attributes:
         volume: the input :class:`lsnet.geometry.Volume` (its geometry defines every output).
         mask: ``(K, J, I)`` uint8 in the *input* array order; 0 background, label values from the card.
-        heatmap: ``(K, J, I)`` float32 in [0, 1] in the input array order (L-Net's K upsampled to the
+        heatmap: ``(K, J, I)`` float32 in [0, 1], rounded to multiples of 1/255 (display only, see
+            ``inference.HEATMAP_LEVELS``), in the input array order (L-Net's K upsampled to the
             slice grid), or None when not requested.
         boxes: all RoIs, in canonical slice coordinates (see :class:`RoiBox`).
         reorientation: maps canonical indices back to input indices (``geometry.Reorientation``).

@@ -39,7 +39,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CancelledError, InputError
-from .inference import Segmenter, check_volume_values
+from .inference import Segmenter, check_volume_values, quantize_heatmap
 from .preprocess import canvas_to_original, slice_grid, stack_channels, to_canvas, window
 from .results import RoiBox, SegmentationResult
 
@@ -169,7 +169,7 @@ class SeedSegmenter(Segmenter):
         bx = grid.to_original_xyxy(boxes.float()) if len(boxes) else boxes
         return (
             mask.cpu().numpy(),
-            p.cpu().numpy() if want_heatmap else None,
+            quantize_heatmap(p).cpu().numpy() if want_heatmap else None,
             batch.cpu().numpy(),
             bx.cpu().numpy(),
             scores.float().cpu().numpy(),
