@@ -173,3 +173,15 @@ def test_evaluate_volumes_scores_both_steps(tmp_path):
     if raw["fp_slice_rate"] != "":
         assert float(lcc["fp_slice_rate"]) <= float(raw["fp_slice_rate"])
     assert "largest_component" in (out / "volumes.md").read_text()
+
+
+def test_present_labels():
+    from lsnet.results import present_labels
+
+    m = np.zeros((2, 3, 3), np.uint8)
+    assert present_labels(m) == []
+    m[0, 0, 0] = 1
+    assert present_labels(m) == [1]
+    m[1, 2, 2] = 5
+    m[1, 0, 1] = 2
+    assert present_labels(m) == [1, 2, 5]

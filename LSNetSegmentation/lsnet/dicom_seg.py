@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, OutputError
-from .results import SegmentationResult
+from .results import SegmentationResult, present_labels
 from .terminology import ANATOMICAL_STRUCTURE, structure_for_label
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def build_segmentation(result: SegmentationResult, source, *, content_label: str
     mask = np.asarray(result.mask)
     labels = labels_from_card(result.model_card)
     values = [int(lab.get("value", 1)) for lab in labels]
-    present = set(np.unique(mask).tolist()) - {0}
+    present = set(present_labels(mask))
     unknown = sorted(present - set(values))
     if unknown:  # values the card does not list: still exported, as generic segments
         labels = labels + [{"value": v, "name": f"Label {v}"} for v in unknown]

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import OutputError
 from .geometry import LPS_TO_RAS, Reorientation, Volume, apply_affine
-from .results import RoiBox, SegmentationResult
+from .results import RoiBox, SegmentationResult, present_labels
 from .terminology import DEFAULT_LABELS, structure_for_label
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,8 @@ def labels_from_card(model_card: Optional[dict]) -> list:
 
 def _labels_for_mask(mask: np.ndarray, labels: list) -> list:
     """``labels`` plus a generic entry for each value present in ``mask`` but not listed."""
-    counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=2)
     listed = {int(lab.get("value", 1)) for lab in labels}
-    extra = [{"value": int(v), "name": f"Label {int(v)}"} for v in np.nonzero(counts)[0] if v and v not in listed]
+    extra = [{"value": v, "name": f"Label {v}"} for v in present_labels(np.asarray(mask)) if v not in listed]
     return labels + extra
 
 

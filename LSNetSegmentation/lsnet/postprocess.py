@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .results import RoiBox
+from .results import RoiBox, present_labels
 
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -65,8 +65,7 @@ def keep_largest_component(mask: np.ndarray) -> PostprocessReport:
         return report
     bbox = tuple(slice(int(np.argmax(a)), len(a) - int(np.argmax(a[::-1]))) for a in axes_any)
     region = mask[bbox]  # a view: edits below change ``mask``
-    values = [1] if region.max() == 1 else np.unique(region[region != 0])  # foreground voxels only: cheap
-    for value in values:
+    for value in present_labels(region):
         fg = region == value
         labels, n = _label(fg)
         if n <= 1:
