@@ -258,9 +258,10 @@ class LSNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             p.outputSegmentation = self._result.segmentationNode
             p.heatmapVolume = self._result.heatmapNode
             self._showResult()
+            engineSummary = proc.done_event.data.get("summary", {})
             self.ui.statusLabel.text = _("Done: ") + results.describe_result(
-                self._result.summary, len(self._result.table), proc.done_event.data.get("summary", {}).get("device", ""),
-                self.logic.lastRunSeconds)
+                self._result.summary, len(self._result.table), engineSummary.get("device", ""),
+                self.logic.lastRunSeconds, engineSummary.get("postprocess", {}).get("removed_slices", 0))
 
     def _askReplaceExisting(self, segmentationNode) -> bool:
         if segmentationNode is None:

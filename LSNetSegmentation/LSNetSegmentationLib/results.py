@@ -287,9 +287,11 @@ def segment_mask_summary(mask: np.ndarray) -> dict:
     return {"voxels": int(np.count_nonzero(mask)), "slices": int(np.count_nonzero(mask.reshape(mask.shape[0], -1).any(axis=1)))}
 
 
-def describe_result(summary: dict, numBoxes: int, device: str, seconds: Optional[float]) -> str:
+def describe_result(summary: dict, numBoxes: int, device: str, seconds: Optional[float], clearedSlices: int = 0) -> str:
     text = _("{voxels} voxels on {slices} slices, {boxes} RoIs").format(
         voxels=summary.get("voxels", 0), slices=summary.get("slices", 0), boxes=numBoxes)
+    if clearedSlices:
+        text += _(" (largest connected component kept: {n} slices cleared)").format(n=clearedSlices)
     if device:
         text += _(" on {device}").format(device=device)
     if seconds:
