@@ -62,7 +62,7 @@ class LSNetSegmentationParameterNode:
     modelPath: Path
     device: Device = parameters.DEFAULT_DEVICE
     batchSize: Annotated[int, WithinRange(*parameters.BATCH_SIZE_RANGE)] = parameters.DEFAULT_BATCH_SIZE
-    largestComponent: bool = parameters.DEFAULT_LARGEST_COMPONENT
+    dropSmallComponents: bool = parameters.DEFAULT_DROP_SMALL_COMPONENTS
     showHeatmap: bool = parameters.DEFAULT_SHOW_HEATMAP
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = parameters.DEFAULT_HEATMAP_OPACITY
     showRois: bool = parameters.DEFAULT_SHOW_ROIS
@@ -211,7 +211,7 @@ class LSNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.logic.setupPythonRequirements(ask=True)
             self.logic.startSegmentation(p.inputVolume, weights, p.device.value, p.batchSize,
                                          onEvent=self._onProcessEvent, onFinished=self._onProcessFinished,
-                                         largestComponent=p.largestComponent)
+                                         dropSmallComponents=p.dropSmallComponents)
             self._setRunning(True)
             self.ui.statusLabel.text = _("Segmenting {name}...").format(name=p.inputVolume.GetName())
 
@@ -221,7 +221,7 @@ class LSNetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.progressBar.value = 0
         for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.modelSourceComboBox,
                        self.ui.modelPathLineEdit, self.ui.deviceComboBox, self.ui.batchSizeSpinBox,
-                       self.ui.largestComponentCheckBox):
+                       self.ui.dropSmallComponentsCheckBox):
             widget.enabled = not running
         self._onParameterNodeModified()
 
@@ -504,7 +504,7 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
         return self._process is not None and not self._process.finished
 
     def startSegmentation(self, inputVolume, weights, device: str, batchSize: int, onEvent=None, onFinished=None,
-                          largestComponent: bool = True) -> None:
+                          dropSmallComponents: bool = True) -> None:
         """Write the input to a temporary file and start ``lsnet.cli segment`` on it (returns at once)."""
         self.cancel()
         self._outputDir = Path(slicer.util.tempDirectory("LSNetSegmentation"))
@@ -513,7 +513,7 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Could not write the input volume to {path}.").format(path=inputFile))
         command = process.build_segment_command(process.find_python_executable(), inputFile, self._outputDir / "out",
                                                 weights=weights, device=device, batch_size=batchSize,
-                                                largest_component=largestComponent)
+                                                drop_small_components=dropSmallComponents)
         env = process.child_environment(slicer.util.startupEnvironment(), MODULE_DIR)
         logging.info("LSNet: %s", " ".join(command))
         self._process = process.SegmentationProcess(command, env=env)
@@ -551,10 +551,10 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolume, outputSegmentation=None, weights=None, device: str = "auto", batchSize: int = 8,
                 replaceExisting: bool = False, showHeatmap: bool = True, heatmapOpacity: float = 0.5,
-                timeoutSeconds: Optional[float] = None, largestComponent: bool = True) -> LSNetResult:
+                timeoutSeconds: Optional[float] = None, dropSmallComponents: bool = True) -> LSNetResult:
         """Blocking segmentation (scripts and tests)."""
         self.validateInput(inputVolume)
-        self.startSegmentation(inputVolume, weights, device, batchSize, largestComponent=largestComponent)
+        self.startSegmentation(inputVolume, weights, device, batchSize, dropSmallComponents=dropSmallComponents)
         self._timer.stop()
         deadline = None if timeoutSeconds is None else time.monotonic() + timeoutSeconds
         while not self._process.finished:
@@ -670,7 +670,7 @@ class LSNetSegmentationTest(ScriptedLoadableModuleTest):
         node = LSNetSegmentationLogic().getParameterNode()
         self.assertEqual(node.device, parameters.DEFAULT_DEVICE)
         self.assertEqual(node.batchSize, parameters.DEFAULT_BATCH_SIZE)
-        self.assertEqual(node.largestComponent, parameters.DEFAULT_LARGEST_COMPONENT)
+        self.assertEqual(node.dropSmallComponents, parameters.DEFAULT_DROP_SMALL_COMPONENTS)
         self.assertEqual(node.modelSource, ModelSource.BUNDLED)
 
     def test_RoiMarkupsRoundTrip(self):

@@ -181,7 +181,7 @@ def test_python_api_front_door(tmp_path, phantom):
 def test_heatmap_is_rounded_for_display_and_masks_use_exact_values(phantom):
     """heatmap.nrrd holds L-Net's heatmap rounded to 1/255 (inference.HEATMAP_LEVELS); the mask does not
     depend on that rounding."""
-    seg = Segmenter(model=eager_model(), device="cpu", largest_component=False)
+    seg = Segmenter(model=eager_model(), device="cpu", drop_small_components=False)
     res = seg.segment_volume(phantom)
     levels = res.heatmap * 255
     assert np.abs(levels - np.round(levels)).max() < 1e-3 and 0 <= res.heatmap.min() and res.heatmap.max() <= 1

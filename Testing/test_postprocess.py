@@ -1,4 +1,4 @@
-"""Volume post-processing (lsnet/postprocess.py): largest 3-D component, its RoIs, and its wiring into
+"""Volume post-processing (lsnet/postprocess.py): large 3-D components kept, their RoIs, and its wiring into
 Segmenter / CLI / the Slicer command line."""
 
 import json
@@ -11,7 +11,7 @@ from LSNetSegmentationLib import process
 from lsnet.cli import main as cli_main
 from lsnet.volume import volume_from_array
 from lsnet.inference import Segmenter
-from lsnet.postprocess import boxes_on_mask, keep_largest_component
+from lsnet.postprocess import boxes_on_mask, keep_large_components
 from lsnet.results import RoiBox
 
 from test_inference import eager_model
@@ -25,28 +25,39 @@ def two_blobs(shape=(10, 40, 40)):
     return m
 
 
-def test_keeps_the_largest_component_in_place():
+def test_keeps_the_drop_small_components_in_place():
     m = two_blobs()
     big = m.copy()
     big[9] = 0
-    report = keep_largest_component(m)
+    report = keep_large_components(m)
     np.testing.assert_array_equal(m, big)
     assert report.as_dict() == {"removed_voxels": 16, "removed_components": 1, "removed_slices": 1}
+
+
+def test_components_of_a_quarter_of_the_largest_are_kept():
+    m = np.zeros((12, 20, 20), np.uint8)
+    m[0:4, 0:10, 0:10] = 1  # 400 voxels: the largest
+    m[6, 0:10, 0:10] = 1  # 100 = 25 %: kept
+    m[8, 0:9, 0:10] = 1  # 90 = 22.5 %: dropped
+    m[10, 0:10, 0:10] = 2  # another label: its own largest, kept
+    report = keep_large_components(m)
+    assert m[6].sum() == 100 and m[8].sum() == 0 and m[10].sum() == 200
+    assert report.as_dict() == {"removed_voxels": 90, "removed_components": 1, "removed_slices": 1}
 
 
 def test_diagonal_neighbours_are_connected_26():
     m = np.zeros((4, 8, 8), np.uint8)
     m[0, 1, 1] = m[1, 2, 2] = m[2, 3, 3] = 1  # corner-to-corner chain: one 26-connected object
     m[3, 7, 7] = 1
-    keep_largest_component(m)
+    keep_large_components(m, min_fraction=1.0)
     assert m.sum() == 3 and m[3, 7, 7] == 0
 
 
-def test_each_label_keeps_its_own_largest_component():
+def test_each_label_keeps_its_own_drop_small_components():
     m = two_blobs()
     m[2:4, 30:38, 2:10] = 2  # label 2: a large blob ...
     m[0, 0, 39] = 2  # ... and a stray voxel
-    keep_largest_component(m)
+    keep_large_components(m)
     assert (m == 1).sum() == 6 * 15 * 15  # label 1: small blob gone
     assert (m == 2).sum() == 2 * 8 * 8 and m[0, 0, 39] == 0
 
@@ -55,17 +66,19 @@ def test_ties_keep_the_first_component_and_empty_masks_are_untouched():
     m = np.zeros((3, 10, 10), np.uint8)
     m[0, 0:2, 0:2] = 1
     m[2, 8:10, 8:10] = 1
-    keep_largest_component(m)
+    keep_large_components(m)  # equal sizes: both kept by the default fraction
+    assert m[0].sum() == 4 and m[2].sum() == 4
+    keep_large_components(m, min_fraction=1.0)  # largest only: the first in label order
     assert m[0].sum() == 4 and m[2].sum() == 0
     empty = np.zeros((3, 5, 5), np.uint8)
-    assert keep_largest_component(empty).removed_voxels == 0
+    assert keep_large_components(empty).removed_voxels == 0
     with pytest.raises(ValueError, match="3-D"):
-        keep_largest_component(np.zeros((5, 5), np.uint8))
+        keep_large_components(np.zeros((5, 5), np.uint8))
 
 
 def test_boxes_follow_the_kept_mask_including_the_margin():
     m = two_blobs()
-    keep_largest_component(m)
+    keep_large_components(m)
     on_big = RoiBox(4, 6.0, 6.0, 18.0, 18.0, 0.9)
     on_small = RoiBox(9, 30.0, 30.0, 34.0, 34.0, 0.8)
     beside_big = RoiBox(4, 21.0, 21.0, 25.0, 25.0, 0.7)  # 1 px off the kept object ...
@@ -75,10 +88,10 @@ def test_boxes_follow_the_kept_mask_including_the_margin():
 
 
 # ------------------------------------------------------------------ wiring into the volume pipeline
-def scripted_segmenter(largest_component: bool) -> Segmenter:
+def scripted_segmenter(drop_small_components: bool) -> Segmenter:
     """A Segmenter whose per-batch network output is replaced by a known mask with two objects and a
     box on each, so the volume step's effect on the result is exactly predictable."""
-    seg = Segmenter(model=eager_model(), device="cpu", batch_size=4, largest_component=largest_component)
+    seg = Segmenter(model=eager_model(), device="cpu", batch_size=4, drop_small_components=drop_small_components)
     truth = two_blobs((10, 40, 40))
 
     def run_batch(raw, grid, want_heatmap):
@@ -111,14 +124,14 @@ def test_segmenter_applies_the_volume_step_by_default_and_can_skip_it():
     assert [b.slice_index for b in off.boxes] == [4, 9]
     assert int(on.mask.sum()) == 6 * 15 * 15 and not on.mask[9].any()
     assert [b.slice_index for b in on.boxes] == [4]
-    assert on.postprocess == {"step": "largest_component", "removed_voxels": 16, "removed_components": 1,
+    assert on.postprocess == {"step": "large_components", "removed_voxels": 16, "removed_components": 1,
                               "removed_slices": 1, "removed_rois": 1}
     assert on.heatmap[9].any()  # the heatmap keeps everything L-Net found
     assert (on.slices_with_mask, off.slices_with_mask) == (6, 7)
 
 
 def test_one_slice_volumes_are_not_post_processed():
-    seg = Segmenter(model=eager_model(), device="cpu", largest_component=True)
+    seg = Segmenter(model=eager_model(), device="cpu", drop_small_components=True)
     mask = np.zeros((1, 8, 8), np.uint8)
     mask[0, 0, 0] = mask[0, 5, 5] = 1
     boxes, report = seg._postprocess_volume(mask, mask, [], {})
@@ -126,7 +139,7 @@ def test_one_slice_volumes_are_not_post_processed():
 
 
 def test_cli_flag_and_slicer_command_line(tmp_path):
-    cmd = process.build_segment_command("python", "in.nrrd", "out", largest_component=False)
+    cmd = process.build_segment_command("python", "in.nrrd", "out", drop_small_components=False)
     assert cmd[-1] == "--all-components"
     assert "--all-components" not in process.build_segment_command("python", "in.nrrd", "out")
     # the flag reaches the engine: boxes.json records whether the step ran
@@ -165,14 +178,14 @@ def test_evaluate_volumes_scores_both_steps(tmp_path):
     assert evaluate_volumes(["--weights", str(weights), "--case", f"{ct}={label}", "--case", str(ct),
                              "--out", str(out), "--device", "cpu"]) == 0
     rows = list(csv.DictReader(open(out / "volumes.csv")))
-    assert [(r["case"], r["step"]) for r in rows] == [("ct.nrrd", "none"), ("ct.nrrd", "largest_component")] * 2
+    assert [(r["case"], r["step"]) for r in rows] == [("ct.nrrd", "none"), ("ct.nrrd", "large_components")] * 2
     raw, lcc, raw_u, lcc_u = rows
     assert int(raw["label_slices"]) == int(lab.array.any(axis=(1, 2)).sum()) and raw["vol_dsc"] != ""
     assert int(lcc["slices_with_mask"]) <= int(raw["slices_with_mask"]) <= 8
     assert raw_u["vol_dsc"] == "" and raw_u["slices_with_mask"] == raw["slices_with_mask"]
     if raw["fp_slice_rate"] != "":
         assert float(lcc["fp_slice_rate"]) <= float(raw["fp_slice_rate"])
-    assert "largest_component" in (out / "volumes.md").read_text()
+    assert "large_components" in (out / "volumes.md").read_text()
 
 
 def test_present_labels():

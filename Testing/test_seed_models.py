@@ -154,15 +154,15 @@ def test_rstn_volume_iteration_matches_the_batch_rule_and_is_batch_size_independ
     m.fine = Fn(lambda t: 20 * (t[:, :1] - 0.4))
     x = torch.from_numpy(window(img.array.astype(np.float32), (0.0, 255.0)))[:, None]
     want = m.predict_slices(x)
-    res2 = SeedSegmenter(model=m, device="cpu", batch_size=2, largest_component=False).segment_volume(img)
-    res5 = SeedSegmenter(model=m, device="cpu", batch_size=5, largest_component=False).segment_volume(img)
+    res2 = SeedSegmenter(model=m, device="cpu", batch_size=2, drop_small_components=False).segment_volume(img)
+    res5 = SeedSegmenter(model=m, device="cpu", batch_size=5, drop_small_components=False).segment_volume(img)
     assert res2.timings["rstn_rounds"] == res5.timings["rstn_rounds"] == want.info["rounds"]
     assert np.allclose(res2.heatmap, want.prob[:, 0].numpy(), atol=2e-3)
     assert np.array_equal(res2.mask, res5.mask)
     assert len(res2.boxes) == len(want.boxes) and {b.source for b in res2.boxes} <= {"rstn"}
     # with the volume step (default) the iterative path post-processes too
     res_pp = SeedSegmenter(model=m, device="cpu", batch_size=5).segment_volume(img)
-    assert res_pp.postprocess["step"] == "largest_component" and res_pp.mask.sum() <= res2.mask.sum()
+    assert res_pp.postprocess["step"] == "large_components" and res_pp.mask.sum() <= res2.mask.sum()
 
 
 # ------------------------------------------------------------------------------------------- DSMS U-Net

@@ -167,12 +167,12 @@ def test_evaluate_writes_tables_for_runs(trained, tmp_path):
         assert int(r["volumes"]) == int(r["patients"])  # phantoms are volumes: per-volume metrics exist
         # the volume step never adds foreground: its FP-slice rate is at most the raw one
         if r["vol_fp_slice_rate"] != "":
-            assert float(r["vol_fp_slice_rate_lcc"]) <= float(r["vol_fp_slice_rate"])
-        assert r["vol_dsc_lcc"] != "" and r["split"] == "val"
+            assert float(r["vol_fp_slice_rate_pp"]) <= float(r["vol_fp_slice_rate"])
+        assert r["vol_dsc_pp"] != "" and r["split"] == "val"
     md = (res / "results.md").read_text()
     first_table = md.split("\n\n")[0]
     assert first_table.count("\n| ") == 2 and "DSC %" in md  # two run rows after the header
-    assert "largest-3-D-component" in md and md.count("| lsnet") + md.count("| c2f") >= 2
+    assert "volume step" in md and md.count("| lsnet") + md.count("| c2f") >= 2
     # the same runs on their training patients (Table 4's "mIoU in training")
     res_t = tmp_path / "res_train"
     assert evaluate_main([str(trained["lsnet"]), "--out", str(res_t), "--checkpoint", "last", "--split", "train"]) == 0

@@ -17,8 +17,8 @@ Metrics (definitions in ``training/metrics.py``):
   (Tables 3-4; two-stage methods only);
 * ``vol_dsc``, ``hd95_mm``: per volume (cases with contiguous slices), averaged over volumes; HD95 on
   the canvas grid with its physical spacing;
-* the same volumes after the engine's volume step (``lsnet/postprocess.py``, largest 3-D component):
-  ``vol_dsc_lcc``, ``hd95_lcc_mm``, and ``vol_fp_slice_rate`` / ``vol_fp_slice_rate_lcc`` (false-positive
+* the same volumes after the engine's volume step (``lsnet/postprocess.py``, small 3-D components dropped):
+  ``vol_dsc_pp``, ``hd95_pp_mm``, and ``vol_fp_slice_rate`` / ``vol_fp_slice_rate_pp`` (false-positive
   slice rate over the volumes' slices without foreground, before / after the step).
 
 ``--split train`` evaluates each run on its own training patients instead (e.g. Table 4's "mIoU in
@@ -56,8 +56,8 @@ from .train import CachedCase, load_checkpoint, resolve_device
 log = logging.getLogger("training.evaluate")
 
 COLUMNS = ["label", "method", "fold", "split", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc", "dsc_sd",
-           "precision", "recall", "miou", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_lcc", "hd95_lcc_mm",
-           "vol_fp_slice_rate", "vol_fp_slice_rate_lcc", "seconds", "run"]
+           "precision", "recall", "miou", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
+           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "seconds", "run"]
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple:
@@ -83,10 +83,10 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
     system.eval()
     in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels
     acc = MeanAccumulator()
-    from lsnet.postprocess import keep_largest_component
+    from lsnet.postprocess import keep_large_components
 
     vol_dsc, vol_hd, slice_dsc = [], [], []
-    vol_lcc = {"vol_dsc_lcc": [], "hd95_lcc_mm": []}
+    vol_pp = {"vol_dsc_pp": [], "hd95_pp_mm": []}
     vol_fp = {"raw": [0, 0], "lcc": [0, 0]}  # [bg slices with a prediction, bg slices]
     n_fg = n_bg = 0
     for cid in case_ids:
@@ -127,18 +127,18 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             vol_dsc.append(volume_dsc(pred_vol, gt))
             vol_hd.append(hd95(pred_vol, gt, (sz, sp, sp)))
             lcc = pred_vol.copy()
-            keep_largest_component(lcc)
-            vol_lcc["vol_dsc_lcc"].append(volume_dsc(lcc, gt))
-            vol_lcc["hd95_lcc_mm"].append(hd95(lcc, gt, (sz, sp, sp)))
+            keep_large_components(lcc)
+            vol_pp["vol_dsc_pp"].append(volume_dsc(lcc, gt))
+            vol_pp["hd95_pp_mm"].append(hd95(lcc, gt, (sz, sp, sp)))
             bg = ~gt.any(axis=(1, 2))
             for key, m in (("raw", pred_vol), ("lcc", lcc)):
                 vol_fp[key][0] += int((m.any(axis=(1, 2)) & bg).sum())
                 vol_fp[key][1] += int(bg.sum())
     r = acc.result()
-    for key, values in vol_lcc.items():
+    for key, values in vol_pp.items():
         r[key] = float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None
     r["vol_fp_slice_rate"] = vol_fp["raw"][0] / vol_fp["raw"][1] if vol_fp["raw"][1] else None
-    r["vol_fp_slice_rate_lcc"] = vol_fp["lcc"][0] / vol_fp["lcc"][1] if vol_fp["lcc"][1] else None
+    r["vol_fp_slice_rate_pp"] = vol_fp["lcc"][0] / vol_fp["lcc"][1] if vol_fp["lcc"][1] else None
     r["dsc_sd"] = float(np.std(slice_dsc, ddof=1)) if len(slice_dsc) > 1 else None
     r["slices_fg"], r["slices_bg"] = n_fg, n_bg
     r["volumes"] = len(vol_dsc)
@@ -235,13 +235,13 @@ def to_markdown(rows: list) -> str:
             lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
     vol_rows = [r for r in rows if r.get("volumes")]
     if vol_rows:
-        lines += ["", "Volumes, before -> after the largest-3-D-component step (lsnet/postprocess.py):", "",
+        lines += ["", "Volumes, before -> after the volume step (lsnet/postprocess.py: small 3-D components dropped):", "",
                   "| run | volumes | vol DSC % | HD95 mm | FP-slice % (volume slices without foreground) |",
                   "|---|---|---|---|---|"]
         for r in vol_rows:
-            lines.append(f"| {r['label']} | {r['volumes']} | {_fmt(r.get('vol_dsc'))} -> {_fmt(r.get('vol_dsc_lcc'))} | "
-                         f"{_fmt(r.get('hd95_mm'), pct=False)} -> {_fmt(r.get('hd95_lcc_mm'), pct=False)} | "
-                         f"{_fmt(r.get('vol_fp_slice_rate'))} -> {_fmt(r.get('vol_fp_slice_rate_lcc'))} |")
+            lines.append(f"| {r['label']} | {r['volumes']} | {_fmt(r.get('vol_dsc'))} -> {_fmt(r.get('vol_dsc_pp'))} | "
+                         f"{_fmt(r.get('hd95_mm'), pct=False)} -> {_fmt(r.get('hd95_pp_mm'), pct=False)} | "
+                         f"{_fmt(r.get('vol_fp_slice_rate'))} -> {_fmt(r.get('vol_fp_slice_rate_pp'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,7 @@
 ``training/evaluate.py`` scores slices on the model's resampled canvas, the paper's way.  This script
 answers the user's question instead: on a whole CT, at its own resolution, how good is the mask that
 ``lsnet segment`` writes, and on how many slices without pancreas does it put something?  Every case is
-segmented twice by :class:`lsnet.inference.Segmenter` (with and without the largest-component step
+segmented twice by :class:`lsnet.inference.Segmenter` (with and without the volume step
 of ``lsnet/postprocess.py``; the network runs once, the step is applied to a copy).
 
 Per case and weights file: slices with a mask; with a label also volume DSC, HD95 (mm, physical
@@ -53,22 +53,22 @@ def score_mask(mask: np.ndarray, label: Optional[np.ndarray], spacing_kji) -> di
 
 
 def evaluate_case(segmenter, ct_path: str, label_path: Optional[str], label_value: Optional[int]) -> list:
-    """Rows (``step`` = ``none`` and ``largest_component``) for one case with one segmenter."""
-    from lsnet.postprocess import keep_largest_component
+    """Rows (``step`` = ``none`` and ``drop_small_components``) for one case with one segmenter."""
+    from lsnet.postprocess import keep_large_components
     from lsnet.volume import read_label, read_volume
 
     volume = read_volume(ct_path)
     label = None
     if label_path:
         label = read_label(label_path, reference=volume, label_value=label_value).array > 0
-    segmenter.largest_component = False
+    segmenter.drop_small_components = False
     result = segmenter.segment_volume(volume, heatmap=False)
     raw = result.mask > 0
     lcc = raw.astype(np.uint8)
-    keep_largest_component(lcc)
+    keep_large_components(lcc)
     sx, sy, sz = volume.spacing
     rows = []
-    for step, mask in (("none", raw), ("largest_component", lcc > 0)):
+    for step, mask in (("none", raw), ("large_components", lcc > 0)):
         row = {"case": Path(ct_path).name, "step": step}
         row.update(score_mask(mask, label, (sz, sy, sx)))
         rows.append(row)

@@ -45,8 +45,8 @@ DEFAULT_MODEL_SOURCE = ModelSource.BUNDLED
 DEFAULT_BATCH_SIZE = 8
 BATCH_SIZE_RANGE = (1, 64)
 """Slices per forward pass. Smaller needs less GPU memory; the out-of-memory retry halves it."""
-DEFAULT_LARGEST_COMPONENT = True
-"""Keep only the largest 3-D connected component (engine ``lsnet.postprocess``; ``--all-components`` when off)."""
+DEFAULT_DROP_SMALL_COMPONENTS = True
+"""Drop 3-D components smaller than 25 % of the largest (engine ``lsnet.postprocess``; ``--all-components`` when off)."""
 DEFAULT_SHOW_HEATMAP = True
 DEFAULT_HEATMAP_OPACITY = 0.5
 DEFAULT_SHOW_ROIS = True

@@ -55,9 +55,9 @@ def find_python_executable() -> str:
 
 def build_segment_command(python_executable: str, input_path, output_dir, weights: Optional[str] = None,
                           device: str = "auto", batch_size: int = 8, overwrite: bool = True,
-                          largest_component: bool = True) -> list[str]:
+                          drop_small_components: bool = True) -> list[str]:
     """Argument list of ``python -m lsnet.cli segment INPUT -o OUTDIR ... --progress-json``
-    (``largest_component=False`` adds ``--all-components``)."""
+    (``drop_small_components=False`` adds ``--all-components``)."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     cmd = [str(python_executable), "-m", "lsnet.cli", "segment", str(input_path), "-o", str(output_dir),
@@ -66,7 +66,7 @@ def build_segment_command(python_executable: str, input_path, output_dir, weight
         cmd += ["--weights", str(weights)]
     if overwrite:
         cmd.append("--overwrite")
-    if not largest_component:
+    if not drop_small_components:
         cmd.append("--all-components")
     return cmd
 

@@ -291,7 +291,7 @@ def describe_result(summary: dict, numBoxes: int, device: str, seconds: Optional
     text = _("{voxels} voxels on {slices} slices, {boxes} RoIs").format(
         voxels=summary.get("voxels", 0), slices=summary.get("slices", 0), boxes=numBoxes)
     if clearedSlices:
-        text += _(" (largest connected component kept: {n} slices cleared)").format(n=clearedSlices)
+        text += _(" (small disconnected parts dropped: {n} slices cleared)").format(n=clearedSlices)
     if device:
         text += _(" on {device}").format(device=device)
     if seconds:

@@ -46,7 +46,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heatmap", action="store_true", help="do not write heatmap.nrrd")
     p.add_argument("--dicom-seg", action="store_true", help="also write segmentation.dcm (DICOM SEG referencing the source series; DICOM input only)")
     p.add_argument("--all-components", action="store_true",
-                   help="keep every connected component of the mask (default: only the largest 3-D component of a volume, see docs/method.md)")
+                   help="keep every connected component of the mask (default: a volume keeps its largest 3-D component and those of at least 25 %% of its size, see docs/method.md)")
     p.add_argument("--allow-non-ct", action="store_true", help="segment a non-CT DICOM series (e.g. MR) anyway; the result is meaningless outside CT")
     p.add_argument("--progress-json", action="store_true", help="machine-readable progress on stdout (JSON lines)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -107,7 +107,7 @@ def summary_line(result, seconds: float) -> str:
     ml = vox * sp[0] * sp[1] * sp[2] / 1000.0
     on = result.slices_with_mask
     removed = result.postprocess.get("removed_slices", 0)
-    pp = f" (largest component kept: {removed} slices cleared)" if removed else ""
+    pp = f" (small components dropped: {removed} slices cleared)" if removed else ""
     return (f"{n_slices} slices, {on} with segmentation{pp}, {len(result.boxes)} RoIs, {vox} voxels ({ml:.1f} ml), "
             f"{seconds:.1f} s on {result.device}")
 
@@ -133,7 +133,7 @@ def _make_segmenter(args):
     from .seed_models import make_segmenter
 
     return make_segmenter(weights=args.weights, device=args.device, batch_size=args.batch_size,
-                          largest_component=not getattr(args, "all_components", False))
+                          drop_small_components=not getattr(args, "all_components", False))
 
 
 def _read_input(args, path):

@@ -14,8 +14,8 @@ Speed on CUDA: bf16 autocast, channels-last, decoding and pasting on the GPU, S-
 without RoIs, one host copy per batch.  CUDA out-of-memory halves the batch and retries; at batch 1 it
 falls back to the CPU with a warning.
 
-After the last batch, volumes keep only their largest 3-D connected component per label
-(``postprocess.py``; not in the paper, on by default, ``largest_component=False`` turns it off).
+After the last batch, volumes drop 3-D connected components smaller than a quarter of the largest one
+per label (``postprocess.py``; not in the paper, on by default, ``drop_small_components=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ class Segmenter:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch.
         amp: bf16 autocast on CUDA (ignored on CPU).
-        largest_component: keep only the largest 3-D connected component of each label of a volume
-            with more than one slice, and the RoIs on it (``postprocess.py``; not in the paper).
+        drop_small_components: in a volume with more than one slice, drop the 3-D connected components
+            smaller than ``postprocess.MIN_FRACTION`` of the largest one of their label, and their RoIs
+            (``postprocess.py``; not in the paper).
 
     Other architectures' cards (RSTN, DSMS U-Net, RPN-FCN) load with ``lsnet.load_segmenter``.
     """
@@ -106,10 +107,10 @@ class Segmenter:
     architectures: tuple = ("lsnet",)
 
     def __init__(self, model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True,
-                 card: Optional[dict] = None, largest_component: bool = True):
+                 card: Optional[dict] = None, drop_small_components: bool = True):
         from .weights import load_model
 
-        self.largest_component = bool(largest_component)
+        self.drop_small_components = bool(drop_small_components)
         self.device = resolve_device(device)
         if model is None:
             model, card = load_model(weights, device="cpu")
@@ -246,14 +247,14 @@ class Segmenter:
     def _postprocess_volume(self, mask: np.ndarray, mask_c: np.ndarray, boxes: list, timings: dict) -> tuple:
         """The volume step of ``postprocess.py`` on the finished mask (in place; ``mask_c`` is its
         canonical view) -> (kept boxes, report dict, empty when the step did not run)."""
-        if not self.largest_component or mask.shape[0] < 2:
+        if not self.drop_small_components or mask.shape[0] < 2:
             return boxes, {}
-        from .postprocess import boxes_on_mask, keep_largest_component
+        from .postprocess import boxes_on_mask, keep_large_components
 
         t = time.perf_counter()
-        report = keep_largest_component(mask).as_dict()
+        report = keep_large_components(mask).as_dict()
         kept = boxes_on_mask(boxes, mask_c) if report["removed_voxels"] else boxes
-        report.update({"step": "largest_component", "removed_rois": len(boxes) - len(kept)})
+        report.update({"step": "large_components", "removed_rois": len(boxes) - len(kept)})
         timings["volume_step"] = time.perf_counter() - t
         timings["postprocess"] = timings.get("postprocess", 0.0) + timings["volume_step"]
         return kept, report

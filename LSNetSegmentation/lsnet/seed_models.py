@@ -284,13 +284,13 @@ class SeedSegmenter(Segmenter):
 
 
 def make_segmenter(model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True,
-                   card: Optional[dict] = None, largest_component: bool = True) -> Segmenter:
+                   card: Optional[dict] = None, drop_small_components: bool = True) -> Segmenter:
     """A :class:`Segmenter` (L-SNet) or :class:`SeedSegmenter` (any seed architecture) for ``model`` or
-    the weights file ``weights`` (card architecture name decides); ``largest_component``: see
+    the weights file ``weights`` (card architecture name decides); ``drop_small_components``: see
     :class:`lsnet.inference.Segmenter`."""
     if model is None:
         from .weights import load_model
 
         model, card = load_model(weights, device="cpu")
     cls = SeedSegmenter if model.config.architecture in SEED_ARCHITECTURES else Segmenter
-    return cls(model=model, device=device, batch_size=batch_size, amp=amp, card=card, largest_component=largest_component)
+    return cls(model=model, device=device, batch_size=batch_size, amp=amp, card=card, drop_small_components=drop_small_components)
