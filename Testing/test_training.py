@@ -219,6 +219,15 @@ def test_metrics_definitions():
     w = np.roll(v, 2, axis=2)
     assert volume_dsc(v, v) == 1.0 and abs(volume_dsc(v, w) - 0.6) < 1e-9
     assert hd95(v, v, (1, 1, 1)) == 0.0 and abs(hd95(v, w, (2.0, 1.0, 0.5)) - 1.0) < 1e-9
+    from training.metrics import volume_scores
+
+    gt = np.zeros((5, 8, 8), bool)
+    gt[1:3, 2:6, 2:6] = True
+    pred = gt.copy()
+    pred[4, 0, 0] = True  # one false-positive slice of the three without foreground
+    s = volume_scores(pred, gt, (1.0, 1.0, 1.0))
+    assert (s["slices_with_mask"], s["label_slices"], s["fp_slices"], s["bg_slices"]) == (3, 2, 1, 3)
+    assert abs(s["vol_dsc"] - volume_dsc(pred, gt)) < 1e-12 and s["hd95_mm"] == hd95(pred, gt, (1.0, 1.0, 1.0))
 
 
 def test_extra_phantoms_are_training_only(tmp_path):

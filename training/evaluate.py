@@ -49,7 +49,7 @@ from .cache import IMAGE_SCALE, CacheParams, SliceCache
 from .config import model_config
 from .datasets import cases_from_specs
 from .methods import build_system
-from .metrics import MeanAccumulator, hd95, object_best_ious, slice_scores, volume_dsc
+from .metrics import MeanAccumulator, object_best_ious, slice_scores, volume_scores
 from .splits import split_cases
 from .train import CachedCase, load_checkpoint, resolve_device
 
@@ -79,15 +79,13 @@ def load_run(run_dir: Path, which: str = "best") -> tuple:
 def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False) -> dict:
     """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases)."""
     from lsnet.components import components
+    from lsnet.postprocess import keep_large_components
 
     system.eval()
     in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels
     acc = MeanAccumulator()
-    from lsnet.postprocess import keep_large_components
-
-    vol_dsc, vol_hd, slice_dsc = [], [], []
-    vol_pp = {"vol_dsc_pp": [], "hd95_pp_mm": []}
-    vol_fp = {"raw": [0, 0], "lcc": [0, 0]}  # [bg slices with a prediction, bg slices]
+    slice_dsc = []
+    per_volume = {"": [], "_pp": []}  # volume_scores of every volume, before / after the volume step
     n_fg = n_bg = 0
     for cid in case_ids:
         img, lab = cache.arrays(cid)
@@ -124,26 +122,20 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             sz = meta["spacing"][2] or 1.0
             sp = float(cache.params.spacing)
             gt = np.asarray(lab) > 0
-            vol_dsc.append(volume_dsc(pred_vol, gt))
-            vol_hd.append(hd95(pred_vol, gt, (sz, sp, sp)))
-            lcc = pred_vol.copy()
-            keep_large_components(lcc)
-            vol_pp["vol_dsc_pp"].append(volume_dsc(lcc, gt))
-            vol_pp["hd95_pp_mm"].append(hd95(lcc, gt, (sz, sp, sp)))
-            bg = ~gt.any(axis=(1, 2))
-            for key, m in (("raw", pred_vol), ("lcc", lcc)):
-                vol_fp[key][0] += int((m.any(axis=(1, 2)) & bg).sum())
-                vol_fp[key][1] += int(bg.sum())
+            stepped = pred_vol.copy()
+            keep_large_components(stepped)
+            per_volume[""].append(volume_scores(pred_vol, gt, (sz, sp, sp)))
+            per_volume["_pp"].append(volume_scores(stepped, gt, (sz, sp, sp)))
     r = acc.result()
-    for key, values in vol_pp.items():
-        r[key] = float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None
-    r["vol_fp_slice_rate"] = vol_fp["raw"][0] / vol_fp["raw"][1] if vol_fp["raw"][1] else None
-    r["vol_fp_slice_rate_pp"] = vol_fp["lcc"][0] / vol_fp["lcc"][1] if vol_fp["lcc"][1] else None
     r["dsc_sd"] = float(np.std(slice_dsc, ddof=1)) if len(slice_dsc) > 1 else None
     r["slices_fg"], r["slices_bg"] = n_fg, n_bg
-    r["volumes"] = len(vol_dsc)
-    r["vol_dsc"] = float(np.nanmean(vol_dsc)) if vol_dsc and not np.all(np.isnan(vol_dsc)) else None
-    r["hd95_mm"] = float(np.nanmean(vol_hd)) if vol_hd and not np.all(np.isnan(vol_hd)) else None
+    r["volumes"] = len(per_volume[""])
+    for suffix, scores in per_volume.items():  # means over volumes; FP-slice rate over all their slices
+        for key, name in (("vol_dsc", f"vol_dsc{suffix}"), ("hd95_mm", f"hd95{suffix}_mm")):
+            values = [s[key] for s in scores]
+            r[name] = float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None
+        bg = sum(s["bg_slices"] for s in scores)
+        r[f"vol_fp_slice_rate{suffix}"] = sum(s["fp_slices"] for s in scores) / bg if bg else None
     return r
 
 

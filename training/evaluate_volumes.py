@@ -28,7 +28,7 @@ import numpy as np
 from lsnet.errors import LSNetError
 
 from .evaluate import _fmt, write_results
-from .metrics import hd95, volume_dsc
+from .metrics import volume_scores
 
 log = logging.getLogger("training.evaluate_volumes")
 
@@ -38,22 +38,17 @@ COLUMNS = ["weights", "case", "step", "slices", "slices_with_mask", "label_slice
 
 def score_mask(mask: np.ndarray, label: Optional[np.ndarray], spacing_kji) -> dict:
     """Metrics of one binary ``(K, J, I)`` mask (input array order; ``label`` in the same order or None)."""
-    on = mask.any(axis=(1, 2))
-    row = {"slices": int(mask.shape[0]), "slices_with_mask": int(on.sum())}
+    row = {"slices": int(mask.shape[0]), "slices_with_mask": int(mask.any(axis=(1, 2)).sum())}
     if label is not None:
-        gt_on = label.any(axis=(1, 2))
-        bg = ~gt_on
-        row.update({
-            "label_slices": int(gt_on.sum()),
-            "fp_slice_rate": float((on & bg).sum() / bg.sum()) if bg.any() else None,
-            "vol_dsc": volume_dsc(mask, label),
-            "hd95_mm": hd95(mask, label, spacing_kji),
-        })
+        s = volume_scores(mask, label, spacing_kji)
+        row.update({k: s[k] for k in ("label_slices", "vol_dsc", "hd95_mm")})
+        row["fp_slice_rate"] = s["fp_slices"] / s["bg_slices"] if s["bg_slices"] else None
     return row
 
 
 def evaluate_case(segmenter, ct_path: str, label_path: Optional[str], label_value: Optional[int]) -> list:
-    """Rows (``step`` = ``none`` and ``drop_small_components``) for one case with one segmenter."""
+    """Rows (``step`` = ``none`` and ``large_components``) for one case.  ``segmenter`` must run without
+    the volume step (``drop_small_components=False``): it is applied here to a copy of the same output."""
     from lsnet.postprocess import keep_large_components
     from lsnet.volume import read_label, read_volume
 
@@ -61,14 +56,15 @@ def evaluate_case(segmenter, ct_path: str, label_path: Optional[str], label_valu
     label = None
     if label_path:
         label = read_label(label_path, reference=volume, label_value=label_value).array > 0
-    segmenter.drop_small_components = False
+    if segmenter.drop_small_components:
+        raise ValueError("evaluate_case needs a segmenter made with drop_small_components=False")
     result = segmenter.segment_volume(volume, heatmap=False)
     raw = result.mask > 0
-    lcc = raw.astype(np.uint8)
-    keep_large_components(lcc)
+    stepped = raw.astype(np.uint8)
+    keep_large_components(stepped)
     sx, sy, sz = volume.spacing
     rows = []
-    for step, mask in (("none", raw), ("large_components", lcc > 0)):
+    for step, mask in (("none", raw), ("large_components", stepped > 0)):
         row = {"case": Path(ct_path).name, "step": step}
         row.update(score_mask(mask, label, (sz, sy, sx)))
         rows.append(row)
@@ -101,7 +97,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         rows = []
         for w in args.weights:
-            seg = make_segmenter(weights=w, device=args.device, batch_size=args.batch_size)
+            seg = make_segmenter(weights=w, device=args.device, batch_size=args.batch_size, drop_small_components=False)
             for case in args.case:
                 ct, _, lab = case.partition("=")
                 for r in evaluate_case(seg, ct, lab or None, args.label_value):

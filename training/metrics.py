@@ -71,6 +71,17 @@ class MeanAccumulator:
         return {k: (self.sums[k] / self.counts[k] if self.counts[k] else None) for k in self.sums}
 
 
+def volume_scores(pred: np.ndarray, target: np.ndarray, spacing_kji) -> dict:
+    """Per-volume scores of a ``(K, J, I)`` prediction against its label (same array order):
+    ``vol_dsc``, ``hd95_mm``, ``slices_with_mask``, ``label_slices``, and the false-positive slice counts
+    ``fp_slices`` (slices without foreground that get a prediction) out of ``bg_slices``."""
+    on = (pred > 0).any(axis=(1, 2))
+    bg = ~(target > 0).any(axis=(1, 2))
+    return {"vol_dsc": volume_dsc(pred, target), "hd95_mm": hd95(pred, target, spacing_kji),
+            "slices_with_mask": int(on.sum()), "label_slices": int((~bg).sum()),
+            "fp_slices": int((on & bg).sum()), "bg_slices": int(bg.sum())}
+
+
 def volume_dsc(pred: np.ndarray, target: np.ndarray) -> float:
     p, t = pred > 0, target > 0
     s = p.sum() + t.sum()
