@@ -15,8 +15,8 @@ def tiny_weights(tmp_path_factory):
     import torch
 
     from lsnet.config import ModelConfig
-    from lsnet.model import LSNet
-    from lsnet.weights import save_model
+    from lsnet.method.model import LSNet
+    from lsnet.io.weights import save_model
 
     torch.manual_seed(0)
     model = LSNet(ModelConfig(width=8, roi_size=64, spacing=2.0))

@@ -1,4 +1,4 @@
-"""Batch mode (lsnet.batch + ``lsnet segment`` on a folder / CSV): summary, continue after failure, resume."""
+"""Batch mode (lsnet.app.batch + ``lsnet segment`` on a folder / CSV): summary, continue after failure, resume."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lsnet import batch
-from lsnet.cli import main
+from lsnet.app import batch
+from lsnet.app.cli import main
 from reliability_helpers import one_thread, tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,7 +167,7 @@ def test_dicom_series_are_cases(shared_data, tmp_path, tiny_weights, capsys):
 
 
 def test_cli_batch_interrupt_keeps_finished_cases(cases_dir, tmp_path, tiny_weights, capsys, monkeypatch):
-    from lsnet import cli
+    from lsnet.app import cli
 
     calls = []
     original = cli._run

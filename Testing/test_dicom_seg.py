@@ -1,4 +1,4 @@
-"""DICOM SEG output (lsnet.dicom_seg): geometry against a real SEG, real series, dciodvfy, CLI wiring."""
+"""DICOM SEG output (lsnet.io.dicom_seg): geometry against a real SEG, real series, dciodvfy, CLI wiring."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("highdicom", reason="DICOM SEG output needs the optional 'dicom' extra (highdicom, pydicom)")
 
-from lsnet import dicom_seg  # noqa: E402
+from lsnet.io import dicom_seg  # noqa: E402
 from lsnet.errors import OutputError  # noqa: E402
-from lsnet.geometry import Reorientation  # noqa: E402
+from lsnet.io.geometry import Reorientation  # noqa: E402
 from lsnet.results import SegmentationResult  # noqa: E402
-from lsnet.volume import read_label, read_volume  # noqa: E402
+from lsnet.io.volume import read_label, read_volume  # noqa: E402
 from reliability_helpers import one_thread, tiny_weights  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,7 +165,7 @@ def test_existing_file_is_not_overwritten(dcmqi, tmp_path):
 
 
 def test_cli_dicom_seg(dcmqi, tmp_path, tiny_weights, capsys):
-    from lsnet.cli import main
+    from lsnet.app.cli import main
 
     out = tmp_path / "out"
     rc = main(["segment", str(dcmqi / "ct"), "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu", "-q", "--dicom-seg"])
@@ -187,7 +187,7 @@ def test_cli_dicom_seg(dcmqi, tmp_path, tiny_weights, capsys):
 def test_cli_dicom_seg_needs_dicom_input(tmp_path, tiny_weights, capsys):
     import SimpleITK as sitk
 
-    from lsnet.cli import main
+    from lsnet.app.cli import main
 
     ct = tmp_path / "ct.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.full((2, 32, 32), -1000, np.int16)), str(ct))
@@ -199,8 +199,8 @@ def test_cli_dicom_seg_needs_dicom_input(tmp_path, tiny_weights, capsys):
 
 def test_seg_failure_leaves_nothing(dcmqi, tmp_path, tiny_weights, capsys, monkeypatch):
     """The SEG is committed with the other files or not at all."""
-    from lsnet import outputs
-    from lsnet.cli import main
+    from lsnet.io import outputs
+    from lsnet.app.cli import main
 
     def broken(result, path):
         raise OSError(28, "No space left on device")

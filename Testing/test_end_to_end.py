@@ -19,11 +19,11 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from lsnet.cli import main as lsnet_main
+from lsnet.app.cli import main as lsnet_main
 from lsnet.config import ModelConfig
-from lsnet.model import LSNet
-from lsnet.phantom import make_phantom_volume
-from lsnet.weights import save_model
+from lsnet.method.model import LSNet
+from lsnet.samples.phantom import make_phantom_volume
+from lsnet.io.weights import save_model
 from training.export import export
 from training.train import main as train_main
 

@@ -1,11 +1,11 @@
-"""Inputs from the wild, through the real CLI (``lsnet.cli.main`` in-process).
+"""Inputs from the wild, through the real CLI (``lsnet.app.cli.main`` in-process).
 
 Every case must end in exit 0 with complete outputs, or exit 2 with one clear ``lsnet: error:`` line;
 never a traceback, an internal error (exit 1), or a partial/temporary output file.  Hypothesis draws
 volumes (dtype, shape down to 1 x 1 x 1, spacing from micrometres to metres, axial / sagittal / coronal /
 oblique directions), and corrupts NIfTI / NRRD / MetaImage / DICOM files (truncation, byte flips in the
 header).  DICOM edge cases (MR, gantry tilt, multi-frame, several series, non-orthogonal orientation)
-are explicit tests whose expected behaviour is the policy documented in ``lsnet.dicom_info``.
+are explicit tests whose expected behaviour is the policy documented in ``lsnet.io.dicom_info``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lsnet.cli import main
+from lsnet.app.cli import main
 from reliability_helpers import one_thread, tiny_weights, write_ct_series  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,7 +227,7 @@ def test_corrupted_files(tmp_path, capsys, tiny_weights, kind, cut, flips):
 @pytest.mark.parametrize("kind", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("keep", [0.5, 0.98])
 def test_truncated_nifti_is_refused(tmp_path, capsys, tiny_weights, kind, keep):
-    """ITK's NIfTI reader pads a short file with garbage; lsnet.volume must refuse it."""
+    """ITK's NIfTI reader pads a short file with garbage; lsnet.io.volume must refuse it."""
     data = clean_bytes(kind, tmp_path)
     src = tmp_path / f"cut{kind}"
     src.write_bytes(data[: int(len(data) * keep)])
@@ -265,7 +265,7 @@ def test_empty_and_missing_inputs(tmp_path, capsys, tiny_weights):
 
 
 # --------------------------------------------------------------------------------------------------
-# DICOM edge cases (policies of lsnet.dicom_info)
+# DICOM edge cases (policies of lsnet.io.dicom_info)
 # --------------------------------------------------------------------------------------------------
 def test_dicom_series_with_one_truncated_file(tmp_path, capsys, tiny_weights):
     files = write_ct_series(tmp_path / "s", 4)
@@ -293,7 +293,7 @@ def test_gantry_tilt_segments_acquired_slices_with_warning(tmp_path, capsys, tin
     run = run_cli(tmp_path, capsys, tiny_weights, tmp_path / "tilt", "--dicom-seg")
     assert run.rc == 0
     assert "gantry tilt (15.0 degrees)" in run.err and "acquired" in run.err
-    from lsnet import dicom_seg
+    from lsnet.io import dicom_seg
 
     frames_ok = dicom_seg.read_segmentation(run.outdir / "segmentation.dcm")
     assert int(frames_ok.NumberOfFrames) >= 1
@@ -308,10 +308,10 @@ def test_gantry_tilt_segments_acquired_slices_with_warning(tmp_path, capsys, tin
 
 def test_gantry_tilt_seg_frames_keep_acquired_positions(tmp_path):
     """Unit level: a tilted series maps each mask slice to its own acquired position."""
-    from lsnet import dicom_seg
-    from lsnet.geometry import Reorientation
+    from lsnet.io import dicom_seg
+    from lsnet.io.geometry import Reorientation
     from lsnet.results import SegmentationResult
-    from lsnet.volume import read_volume
+    from lsnet.io.volume import read_volume
 
     files = write_ct_series(tmp_path / "tilt", 4, tilt_deg=20.0)
     vol = read_volume(tmp_path / "tilt")

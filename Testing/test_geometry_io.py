@@ -1,4 +1,4 @@
-"""Geometry conventions and image reading (lsnet.geometry, lsnet.volume) on synthetic and real CT."""
+"""Geometry conventions and image reading (lsnet.io.geometry, lsnet.io.volume) on synthetic and real CT."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from lsnet.errors import InputError
-from lsnet.geometry import Reorientation, Volume, apply_affine, to_canonical
-from lsnet.volume import read_label, read_volume, volume_from_array
+from lsnet.io.geometry import Reorientation, Volume, apply_affine, to_canonical
+from lsnet.io.volume import read_label, read_volume, volume_from_array
 
 # real data, relative to the ``shared_data`` fixture (conftest.py: <project root>/../shared/data)
 NIH_SERIES = "pancreas-ct/PANCREAS_0001/11-24-2015-PANCREAS0001-Pancreas-18957/Pancreas-99667"
@@ -332,7 +332,7 @@ def test_folder_with_two_series_picks_largest(shared_data, tmp_path, caplog):
         os.symlink(f, tmp_path / f"a_{f.name}")
     for n in range(5):
         os.symlink(shared_data / IRCAD / f"image_{n}", tmp_path / f"b_{n}.dcm")
-    with caplog.at_level(logging.WARNING, logger="lsnet.volume"):
+    with caplog.at_level(logging.WARNING, logger="lsnet.io.volume"):
         vol = read_volume(tmp_path)
     assert vol.shape == (5, 512, 512)
     assert "holds 2 DICOM series" in caplog.text

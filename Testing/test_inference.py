@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from lsnet.cli import main as cli_main
+from lsnet.app.cli import main as cli_main
 from lsnet.config import ModelConfig
 from lsnet.errors import CancelledError, InputError, WeightsError
-from lsnet.geometry import Reorientation, Volume
-from lsnet.inference import Segmenter
-from lsnet.model import LSNet
-from lsnet.phantom import make_phantom_volume
-from lsnet.preprocess import canvas_to_original, slice_grid, to_canvas
+from lsnet.io.geometry import Reorientation, Volume
+from lsnet.pipeline.inference import Segmenter
+from lsnet.method.model import LSNet
+from lsnet.samples.phantom import make_phantom_volume
+from lsnet.pipeline.preprocess import canvas_to_original, slice_grid, to_canvas
 from lsnet.results import RoiBox
-from lsnet.weights import load_model, read_model_card, save_model
+from lsnet.architectures import load_model
+from lsnet.io.weights import read_model_card, save_model
 
 
 def eager_model(seed=0):

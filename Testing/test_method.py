@@ -7,13 +7,13 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from lsnet.components import components, label_components
+from lsnet.method.components import components, label_components
 from lsnet.config import ModelConfig
-from lsnet.decode import decode, sample_topk_keypoints
-from lsnet.heatmap import targets_from_boxes, targets_from_masks
-from lsnet.losses import cls_loss, dice_loss, diou_loss, focal_loss, lnet_loss
-from lsnet.model import LSNet
-from lsnet.recalibration import decay_gradient, invert_theta, paste_back, recalibrate, theta_from_box, theta_from_xyxy
+from lsnet.method.decode import decode, sample_topk_keypoints
+from lsnet.method.heatmap import targets_from_boxes, targets_from_masks
+from lsnet.method.losses import cls_loss, dice_loss, diou_loss, focal_loss, lnet_loss
+from lsnet.method.model import LSNet
+from lsnet.method.recalibration import decay_gradient, invert_theta, paste_back, recalibrate, theta_from_box, theta_from_xyxy
 
 
 # ---------------------------------------------------------------- Eq. 1

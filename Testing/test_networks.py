@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lsnet.config import ModelConfig
-from lsnet.lnet import LNet
-from lsnet.model import LSNet, count_parameters
-from lsnet.resnet import ResNetEncoder, load_imagenet_state_dict
-from lsnet.snet import build_snet
+from lsnet.method.lnet import LNet
+from lsnet.method.model import LSNet, count_parameters
+from lsnet.method.resnet import ResNetEncoder, load_imagenet_state_dict
+from lsnet.method.snet import build_snet
 
 # Parameter counts of torchvision resnet18/resnet34 without the 1000-class fc (512*1000+1000).
 TORCHVISION_PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000}

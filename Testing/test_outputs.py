@@ -1,4 +1,4 @@
-"""Output files (lsnet.outputs, lsnet.terminology): Slicer formats, geometry, all-or-nothing writing."""
+"""Output files (lsnet.io.outputs, lsnet.io.terminology): Slicer formats, geometry, all-or-nothing writing."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from lsnet import outputs
+from lsnet.io import outputs
 from lsnet.errors import OutputError
-from lsnet.geometry import Volume, apply_affine, to_canonical
-from lsnet.outputs import (
+from lsnet.io.geometry import Volume, apply_affine, to_canonical
+from lsnet.io.outputs import (
     box_corners_ijk,
     box_corners_ras,
     boxes_to_records,
@@ -23,8 +23,8 @@ from lsnet.outputs import (
     write_outputs,
 )
 from lsnet.results import RoiBox, SegmentationResult
-from lsnet.terminology import KNOWN_STRUCTURES, TerminologyEntry, structure_for_label
-from lsnet.volume import read_label, read_volume
+from lsnet.io.terminology import KNOWN_STRUCTURES, TerminologyEntry, structure_for_label
+from lsnet.io.volume import read_label, read_volume
 
 NIH_SERIES = "pancreas-ct/PANCREAS_0001/11-24-2015-PANCREAS0001-Pancreas-18957/Pancreas-99667"
 NIH_LABEL = "pancreas-ct/labels/label0001.nii.gz"

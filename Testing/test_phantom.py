@@ -1,4 +1,4 @@
-"""Synthetic CT phantom (lsnet.phantom): determinism, orientation, HU, target variability, speed."""
+"""Synthetic CT phantom (lsnet.samples.phantom): determinism, orientation, HU, target variability, speed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lsnet.phantom import TARGET_SCALE_RANGE, make_phantom, make_phantom_volume
+from lsnet.samples.phantom import TARGET_SCALE_RANGE, make_phantom, make_phantom_volume
 
 
 def test_deterministic_per_seed_and_seeds_differ():

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from LSNetSegmentationLib import process
-from lsnet.cli import main as cli_main
-from lsnet.volume import volume_from_array
-from lsnet.inference import Segmenter
-from lsnet.postprocess import boxes_on_mask, keep_large_components
+from lsnet.app.cli import main as cli_main
+from lsnet.io.volume import volume_from_array
+from lsnet.pipeline.inference import Segmenter
+from lsnet.pipeline.postprocess import boxes_on_mask, keep_large_components
 from lsnet.results import RoiBox
 
 from test_inference import eager_model
@@ -143,7 +143,7 @@ def test_cli_flag_and_slicer_command_line(tmp_path):
     assert cmd[-1] == "--all-components"
     assert "--all-components" not in process.build_segment_command("python", "in.nrrd", "out")
     # the flag reaches the engine: boxes.json records whether the step ran
-    from lsnet.weights import save_model
+    from lsnet.io.weights import save_model
     import SimpleITK as sitk
 
     weights = tmp_path / "m.safetensors"
@@ -165,8 +165,8 @@ def test_evaluate_volumes_scores_both_steps(tmp_path):
 
     import SimpleITK as sitk
 
-    from lsnet.phantom import make_phantom_volume
-    from lsnet.weights import save_model
+    from lsnet.samples.phantom import make_phantom_volume
+    from lsnet.io.weights import save_model
     from training.evaluate_volumes import main as evaluate_volumes
 
     img, lab = make_phantom_volume(shape=(8, 80, 80), spacing=(2.0, 2.0, 3.0), seed=5)

@@ -21,9 +21,9 @@ import torch
 
 from lsnet.config import ModelConfig
 from lsnet.errors import CancelledError
-from lsnet.geometry import Volume
-from lsnet.inference import Segmenter
-from lsnet.model import LSNet
+from lsnet.io.geometry import Volume
+from lsnet.pipeline.inference import Segmenter
+from lsnet.method.model import LSNet
 
 
 from reliability_helpers import one_thread  # noqa: E402,F401
@@ -147,8 +147,8 @@ def test_cli_interrupt_leaves_no_output(tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of a CLI run: exit 3, one line, no file (not even a temporary one)."""
     import SimpleITK as sitk
 
-    from lsnet import cli
-    from lsnet.weights import save_model
+    from lsnet.app import cli
+    from lsnet.io.weights import save_model
 
     weights = save_model(_tiny_model(), tmp_path / "tiny.safetensors", {"name": "tiny"})
     ct = tmp_path / "ct.nrrd"

@@ -1,7 +1,7 @@
 """The other seed systems (issue 5): RSTN, DSMS U-Net, RPN-FCN with RoI convolution.
 
 Each defining piece is tested against its definition in the paper; each model trains a few CPU
-iterations on phantom slices (the loss must drop), saves/loads through ``lsnet.weights`` and segments a
+iterations on phantom slices (the loss must drop), saves/loads through ``lsnet.io.weights`` and segments a
 phantom volume through ``seed_models.make_segmenter``.
 """
 
@@ -12,17 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsnet.dsms_unet import DSMSUNet, DSMSUNetModel, MultiScaleConv, reconstruction_loss
+from lsnet.seeds.dsms_unet import DSMSUNet, DSMSUNetModel, MultiScaleConv, reconstruction_loss
 from lsnet.errors import InputError, WeightsError
-from lsnet.model import LSNet
-from lsnet.phantom import make_phantom, make_phantom_volume
-from lsnet.preprocess import window
-from lsnet.registry import build_model, known_architectures
-from lsnet.rpn_fcn import RoIConv2d, RoIConvFunction, box_iou, decode_boxes, encode_boxes, make_anchors, nms, roi_mask
-from lsnet.rstn import RSTN, SaliencyTransform
-from lsnet.seed_models import SeedSegmenter, box_of_mask, default_config, make_segmenter, training_losses
-from lsnet.snet import build_snet
-from lsnet.weights import load_model, read_model_card, save_model
+from lsnet.method.model import LSNet
+from lsnet.samples.phantom import make_phantom, make_phantom_volume
+from lsnet.pipeline.preprocess import window
+from lsnet.architectures import build_model, known_architectures
+from lsnet.seeds.rpn_fcn import RoIConv2d, RoIConvFunction, box_iou, decode_boxes, encode_boxes, make_anchors, nms, roi_mask
+from lsnet.seeds.rstn import RSTN, SaliencyTransform
+from lsnet.pipeline.seed_inference import SeedSegmenter, make_segmenter
+from lsnet.seeds.common import box_of_mask, default_config, training_losses
+from lsnet.method.snet import build_snet
+from lsnet.architectures import load_model
+from lsnet.io.weights import read_model_card, save_model
 
 SMALL = dict(width=8, roi_size=32, snet_backbone="resnet18")
 
@@ -146,7 +148,7 @@ def test_rstn_iteration_stops_on_the_inter_iteration_dsc():
 def test_rstn_volume_iteration_matches_the_batch_rule_and_is_batch_size_independent():
     """SeedSegmenter iterates over the whole volume; with a 1.25 mm / 64 px phantom the canvas is the
     slice grid, so its probabilities must equal predict_slices on all slices at once (without the
-    volume step of lsnet.postprocess, which would remove small components)."""
+    volume step of lsnet.pipeline.postprocess, which would remove small components)."""
     img, _ = make_phantom_volume((5, 64, 64), (1.25, 1.25, 2.5), seed=4, target_scale=1.0)
     torch.manual_seed(0)
     m = small("rstn", max_rounds=4, converge_t=0.999).eval()
@@ -357,7 +359,7 @@ def test_unknown_option_in_a_card_is_a_weights_error(tmp_path):
 
 
 def test_make_segmenter_keeps_lsnet_on_the_lsnet_path():
-    from lsnet.inference import Segmenter
+    from lsnet.pipeline.inference import Segmenter
 
     seg = make_segmenter(model=LSNet(default_config("lsnet", lnet_backbone="resnet18", width=8)), device="cpu")
     assert type(seg) is Segmenter

@@ -42,6 +42,7 @@ from LSNetSegmentationLib import (  # noqa: E402
 from lsnet.results import RoiBox  # noqa: E402
 
 MODULE_FILE = MODULE_DIR / "LSNetSegmentation.py"
+LOGIC_FILE = MODULE_DIR / "LSNetSegmentationLib" / "logic.py"  # parameter node and logic
 LIB_DIR = MODULE_DIR / "LSNetSegmentationLib"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "LSNetSegmentation.ui"
 SLICER_REF = ROOT.parent / "shared" / "slicer"
@@ -89,13 +90,13 @@ def test_ui_connections_and_custom_widgets_are_declared():
 
 
 def _parameter_fields() -> dict[str, str]:
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    tree = ast.parse(LOGIC_FILE.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
             (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
         ):
             return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
-    raise AssertionError("no @parameterNodeWrapper class in LSNetSegmentation.py")
+    raise AssertionError("no @parameterNodeWrapper class in LSNetSegmentationLib/logic.py")
 
 
 # widget class -> parameter annotation it can be bound to (Slicer Docs/developer_guide/parameter_nodes/gui_connection.md)
@@ -319,13 +320,13 @@ assert m.LSNetSegmentationParameterNode.__stub_wrapped__
 for cls in ("LSNetSegmentation", "LSNetSegmentationWidget", "LSNetSegmentationLogic", "LSNetSegmentationTest"):
     assert hasattr(m, cls), cls
 import LSNetSegmentationLib.results, LSNetSegmentationLib.install, LSNetSegmentationLib.model_card
-import lsnet.geometry, lsnet.results, lsnet.terminology, lsnet.weights
+import lsnet.io.geometry, lsnet.results, lsnet.io.terminology, lsnet.io.weights
 assert "torch" not in sys.modules
 card_path = LSNetSegmentationLib.model_card.bundled_weights_path()
 LSNetSegmentationLib.model_card.format_card(LSNetSegmentationLib.model_card.read_card(card_path), card_path)
 assert "torch" not in sys.modules
 try:
-    import lsnet.inference
+    import lsnet.pipeline.inference
 except ImportError:
     print("OK")
 else:
@@ -351,7 +352,7 @@ def test_parameter_defaults_and_choices():
     assert parameters.clamp_batch_size(0) == 1 and parameters.clamp_batch_size(1000) == 64
     # the defaults in the parameter node are the ones defined here
     fields = _parameter_fields()
-    src = MODULE_FILE.read_text()
+    src = LOGIC_FILE.read_text()
     assert "batchSize: Annotated[int, WithinRange(*parameters.BATCH_SIZE_RANGE)] = parameters.DEFAULT_BATCH_SIZE" in src
     assert fields["device"] == "Device" and fields["modelPath"] == "Path"
 
@@ -379,7 +380,7 @@ def _random_rotation(rng):
 
 
 def test_ijk_to_ras_round_trip_and_engine_agreement():
-    from lsnet.geometry import Volume
+    from lsnet.io.geometry import Volume
 
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -404,7 +405,7 @@ def _permuted_ijk_to_ras():
 
 
 def test_canonicalizer_matches_engine_and_writes_through():
-    from lsnet.geometry import to_canonical
+    from lsnet.io.geometry import to_canonical
 
     m = _permuted_ijk_to_ras()
     arr = np.arange(7 * 6 * 5, dtype=np.int16).reshape(7, 6, 5)
@@ -425,8 +426,8 @@ def test_canonicalizer_matches_engine_and_writes_through():
 
 
 def test_box_roi_geometry_round_trip_and_engine_corners():
-    from lsnet.geometry import Volume
-    from lsnet.outputs import box_corners_ras
+    from lsnet.io.geometry import Volume
+    from lsnet.io.outputs import box_corners_ras
 
     m = _permuted_ijk_to_ras()
     arr = np.zeros((40, 30, 20), np.int16)
@@ -558,14 +559,14 @@ def test_visible_rois_follow_the_viewed_slice():
 def test_build_segment_command_matches_cli():
     cmd = process.build_segment_command("PythonSlicer", "/tmp/in.nrrd", "/tmp/out", weights="/w.safetensors",
                                         device="cuda", batch_size=4)
-    assert cmd[:6] == ["PythonSlicer", "-m", "lsnet.cli", "segment", "/tmp/in.nrrd", "-o"]
+    assert cmd[:6] == ["PythonSlicer", "-m", "lsnet.app.cli", "segment", "/tmp/in.nrrd", "-o"]
     assert "--progress-json" in cmd and cmd[cmd.index("--weights") + 1] == "/w.safetensors"
     assert cmd[cmd.index("--batch-size") + 1] == "4" and "--overwrite" in cmd
     assert "--weights" not in process.build_segment_command("p", "i", "o")
     with pytest.raises(ValueError):
         process.build_segment_command("p", "i", "o", device="tpu")
     # the engine's argument parser accepts it
-    from lsnet import cli
+    from lsnet.app import cli
 
     args = cli.build_parser().parse_args(cmd[3:])
     assert args.batch_size == 4 and args.progress_json and args.device == "cuda" and args.overwrite
@@ -585,7 +586,7 @@ def test_parse_line():
 def test_output_paths_and_failure_messages(tmp_path):
     paths = process.output_paths(tmp_path, {"seg_nrrd": "/x/s.seg.nrrd"})
     assert paths["seg_nrrd"] == Path("/x/s.seg.nrrd") and paths["heatmap"] == tmp_path / "heatmap.nrrd"
-    from lsnet.outputs import FILE_NAMES
+    from lsnet.io.outputs import FILE_NAMES
 
     for key, name in process.OUTPUT_FILES.items():
         assert FILE_NAMES[key] == name
@@ -663,7 +664,7 @@ def test_cancel_kills_the_whole_process_tree():
 def test_child_environment_makes_the_bundled_engine_importable(tmp_path):
     env = process.child_environment({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, MODULE_DIR)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR) and env["PYTHONUNBUFFERED"] == "1"
-    out = subprocess.run([sys.executable, "-c", "import lsnet, lsnet.cli; print(lsnet.__file__)"], env=env,
+    out = subprocess.run([sys.executable, "-c", "import lsnet, lsnet.app.cli; print(lsnet.__file__)"], env=env,
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).parent == MODULE_DIR / "lsnet"

@@ -248,7 +248,7 @@ def test_training_from_a_packed_cache_without_sources(tmp_path):
     """The GPU machine sees no ../shared: build + pack here, delete the sources, train from the pack."""
     import SimpleITK as sitk
 
-    from lsnet.phantom import make_phantom
+    from lsnet.samples.phantom import make_phantom
     from training.cache import main as cache_main
 
     src = tmp_path / "src"
@@ -282,7 +282,7 @@ def test_training_from_a_packed_cache_without_sources(tmp_path):
 @pytest.mark.parametrize("method", ["rstn", "dsms_unet", "rpn_fcn"])
 def test_seed_systems_train_and_export_through_the_same_entry_point(method, tmp_path, cache_dir):
     """Issue 5: the seed systems train with ``training.train`` and export to engine weights."""
-    from lsnet.weights import load_model
+    from lsnet.architectures import load_model
     from training.export import export
 
     out = tmp_path / method

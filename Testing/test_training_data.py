@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lsnet.errors import InputError
-from lsnet.phantom import make_phantom
+from lsnet.samples.phantom import make_phantom
 from training.augment import AugmentConfig, augment_batch, random_affine, warp
 from training.cache import CacheError, CacheParams, SliceCache
 from training.cache import main as cache_main
@@ -214,7 +214,7 @@ def test_select_labels():
 # cache
 # ------------------------------------------------------------------------------------------------
 def test_cache_contents_match_engine_preprocessing(tmp_path):
-    from lsnet.preprocess import slice_grid, to_canvas, window
+    from lsnet.pipeline.preprocess import slice_grid, to_canvas, window
 
     cases = phantom_cases(2, seed=3, shape=(6, 48, 48), spacing=(2.5, 2.5, 3.0))
     cache = SliceCache(tmp_path / "c", SMALL).build(cases, progress=False)

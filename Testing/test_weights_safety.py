@@ -18,8 +18,9 @@ import torch
 
 from lsnet.config import ModelConfig
 from lsnet.errors import WeightsError
-from lsnet.model import LSNet
-from lsnet.weights import card_path_for, load_model, read_model_card, save_model
+from lsnet.method.model import LSNet
+from lsnet.architectures import load_model
+from lsnet.io.weights import card_path_for, read_model_card, save_model
 
 TINY = dict(width=8, roi_size=64, spacing=2.0)
 
@@ -196,7 +197,7 @@ def test_missing_file_is_a_weights_error(tmp_path):
 
 
 def test_cli_reports_bad_weights_in_one_line(tmp_path, capsys, good):
-    from lsnet.cli import main
+    from lsnet.app.cli import main
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pth"
@@ -221,7 +222,7 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_mistaken_for_a_
     """Regression: the first byte of a safetensors file is the low byte of its header length."""
     import json as _json
 
-    from lsnet.weights import _sniff
+    from lsnet.io.weights import _sniff
 
     header = _json.dumps({"__metadata__": {"x": "y"}}).encode()
     header += b" " * ((0x180 - len(header)) % 256 or 256)  # header length = 0x180: first byte 0x80

@@ -13,7 +13,7 @@ For every slice count a synthetic 512 x 512 x K int16 CT is written UNCOMPRESSED
 * ``lsnet_cl_noheat`` CPU only: both;
 * ``unet2d``, ``coarse_to_fine``, ``unet3d``: the peers of ``benchmarks/peers.py`` (random weights),
                    reading the same file and writing a .seg.nrrd with the same writer;
-* ``cli``          (``--cli``) the real ``lsnet.cli.main(["segment", ...])`` in a child: its own timings
+* ``cli``          (``--cli``) the real ``lsnet.app.cli.main(["segment", ...])`` in a child: its own timings
                    (read + segment + write, excluding start-up and model loading) and its wall time.
 
 Stage split (the ``profile`` runs): ``read``; ``preprocess`` = canonical view + output allocation +
@@ -37,9 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the engine on sys.path)
-from common import ResultFile, log, median, peak_rss_mb, current_rss_mb, write_json  # noqa: E402
-
 import numpy as np  # noqa: E402
+from common import ResultFile, current_rss_mb, log, median, peak_rss_mb, write_json  # noqa: E402
 
 LSNET_SYSTEMS = ("lsnet", "lsnet_noheat", "lsnet_cl", "lsnet_cl_noheat")
 PEER_SYSTEMS = ("unet2d", "coarse_to_fine", "unet3d")
@@ -50,8 +49,8 @@ STAGES = ("read", "preprocess", "lnet", "decode_rr", "snet", "postprocess", "wri
 def _profiling_segmenter_class():
     import torch
 
-    import lsnet.inference as inf
-    from lsnet.inference import Segmenter
+    import lsnet.pipeline.inference as inf
+    from lsnet.pipeline.inference import Segmenter
 
     class ProfilingSegmenter(Segmenter):
         """``Segmenter`` whose per-batch work is timed by stage (benchmark only; the engine is untouched).
@@ -160,9 +159,9 @@ def _gpu_peak_mb(dev):
 def _child_lsnet(a, dev, res):
     import torch
 
-    from lsnet.outputs import write_outputs
-    from lsnet.volume import read_volume
-    from lsnet.weights import load_model
+    from lsnet.architectures import load_model
+    from lsnet.io.outputs import write_outputs
+    from lsnet.io.volume import read_volume
 
     heat = not a.system.endswith("noheat")
     Seg = _profiling_segmenter_class()
@@ -218,8 +217,8 @@ def _warmup(a, dev, fn, snet=None, cfg=None):
     """One short run (2 batches from the middle of the CT) so cuDNN/oneDNN set-up is not timed."""
     import torch
 
-    from lsnet.geometry import Volume
-    from lsnet.volume import read_volume
+    from lsnet.io.geometry import Volume
+    from lsnet.io.volume import read_volume
 
     vol = read_volume(a.input)
     k = vol.array.shape[0]
@@ -240,13 +239,13 @@ def _warmup(a, dev, fn, snet=None, cfg=None):
 
 
 def _child_peer(a, dev, res):
+    import peers
     import torch
 
-    import peers
-    from lsnet.geometry import to_canonical
-    from lsnet.outputs import write_outputs
+    from lsnet.io.geometry import to_canonical
+    from lsnet.io.outputs import write_outputs
+    from lsnet.io.volume import read_volume
     from lsnet.results import SegmentationResult
-    from lsnet.volume import read_volume
 
     cl = dev.type == "cuda" or a.peer_channels_last
     vol0 = read_volume(a.input)
@@ -313,7 +312,7 @@ def _child_peer(a, dev, res):
 def child_main(a) -> int:
     import torch
 
-    from lsnet.device import describe, resolve_device
+    from lsnet.pipeline.device import describe, resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -360,7 +359,7 @@ def cli_child_main(a) -> int:
     import contextlib
     import io
 
-    from lsnet.cli import main
+    from lsnet.app.cli import main
 
     argv = ["segment", a.input, "-o", a.outdir, "--weights", a.model, "--device", a.device, "--batch-size", str(a.batch_size), "--overwrite", "--progress-json"]
     buf = io.StringIO()

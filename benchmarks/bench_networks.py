@@ -30,16 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import ResultFile, log  # noqa: E402
-
 import torch  # noqa: E402
+from common import ResultFile, log  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_nets(width: int, in_channels: int = 1):
     from lsnet.config import ModelConfig
-    from lsnet.model import LSNet
+    from lsnet.method.model import LSNet
 
     torch.manual_seed(0)
     m = LSNet(ModelConfig(width=width, in_channels=in_channels)).eval()
@@ -210,7 +209,8 @@ def main(argv=None) -> int:
 def _peers(rf, dev, a, peak):
     """Peers' networks at bf16 channels-last (CUDA) or fp32 (CPU): 2-D U-Net at 512 (320 in --quick), 3-D U-Net per patch."""
     import peers
-    from lsnet.snet import UNetSNet
+
+    from lsnet.method.snet import UNetSNet
 
     dt = torch.bfloat16 if dev.type == "cuda" else None
     size2d = 512 if not a.quick else 64

@@ -11,7 +11,7 @@ the engine's own training code path (``LSNet.lnet_losses`` / ``LSNet.snet_losses
    gradient through theta).
 
 Two Adam optimisers (fused on CUDA), bf16 autocast, channels-last.  Slices/s counts each slice of the
-batch once per alternating iteration.  The data are phantom slices (``lsnet.phantom``) already on the
+batch once per alternating iteration.  The data are phantom slices (``lsnet.samples.phantom``) already on the
 device: the input pipeline is NOT measured (the training loop's loader must keep up on its own).
 
 Schedule extrapolation (stated in the result): 60 epochs (paper section 3.1) over 80 scans x 237 axial
@@ -29,10 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import ResultFile, log  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import ResultFile, log  # noqa: E402
 
 SCANS = 80
 SLICES_PER_SCAN = 237
@@ -42,7 +41,7 @@ PANCREAS_SLICE_FRACTION = 71 / 240
 
 def phantom_slices(n: int, size: int, seed: int = 0):
     """``(n, 1, size, size)`` windowed images in [0, 1] and ``(n, size, size)`` masks from phantom CTs."""
-    from lsnet.phantom import make_phantom
+    from lsnet.samples.phantom import make_phantom
 
     imgs, masks = [], []
     per = max(1, min(n, 24))
@@ -83,7 +82,7 @@ def make_step(model, dev, amp: bool):
 
 def bench(width, batch, size, dev, channels_last, min_time, pool, warmup: int = 3) -> dict:
     from lsnet.config import ModelConfig
-    from lsnet.model import LSNet
+    from lsnet.method.model import LSNet
 
     torch.manual_seed(0)
     model = LSNet(ModelConfig(width=width)).to(dev).train()

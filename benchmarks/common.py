@@ -193,13 +193,13 @@ BLOCK_SLICES = 40
 def make_ct(path, slices: int, hw: int = 512, seed: int = 0, spacing=CT_SPACING) -> Path:
     """Write a synthetic abdominal CT ``(slices, hw, hw)`` int16 HU as an UNCOMPRESSED file (.nrrd/.nii).
 
-    A ``BLOCK_SLICES``-slice phantom (``lsnet.phantom.make_phantom``: body, organs, a pancreas-like
+    A ``BLOCK_SLICES``-slice phantom (``lsnet.samples.phantom.make_phantom``: body, organs, a pancreas-like
     target, noise) is generated once and mirrored back and forth along k to the requested length, so
     generating 1000 slices costs the time and memory of 40.  Reuses an existing file of that name.
     """
     import SimpleITK as sitk
 
-    from lsnet.phantom import make_phantom
+    from lsnet.samples.phantom import make_phantom
 
     path = Path(path)
     if path.exists():
@@ -220,7 +220,7 @@ def make_ct(path, slices: int, hw: int = 512, seed: int = 0, spacing=CT_SPACING)
 
 # ------------------------------------------------------------------------------------- benchmark model
 def bundled_weights() -> Optional[Path]:
-    from lsnet.weights import default_weights_path
+    from lsnet.io.weights import default_weights_path
 
     p = default_weights_path()
     return p if p.exists() else None
@@ -230,7 +230,7 @@ def _engine_canvas_batch(vol_array: np.ndarray, spacing_xy, config, idx):
     """Slices ``idx`` of a canonical array preprocessed exactly as ``Segmenter`` does -> ``(B, C, Hc, Wc)``."""
     import torch
 
-    from lsnet.preprocess import slice_grid, stack_channels, to_canvas, window
+    from lsnet.pipeline.preprocess import slice_grid, stack_channels, to_canvas, window
 
     grid = slice_grid(vol_array.shape[1:], spacing_xy, config.spacing, config.pad_multiple)
     raw = np.concatenate([stack_channels(vol_array, int(k), int(k) + 1, config.in_channels) for k in idx])
@@ -270,12 +270,12 @@ def build_bench_model(ct_path, workdir, width: int = 32, seed: int = 0, fire_fra
     import torch
 
     from lsnet.config import ModelConfig
-    from lsnet.model import LSNet
-    from lsnet.weights import save_model
+    from lsnet.io.weights import save_model
+    from lsnet.method.model import LSNet
 
     bundled = bundled_weights()
     if bundled is not None and not os.environ.get("LSNET_BENCH_RANDOM"):
-        from lsnet.weights import read_model_card
+        from lsnet.io.weights import read_model_card
 
         card = read_model_card(bundled)
         return bundled, {"weights": "bundled", "path": str(bundled), "width": card["config"].get("width"), "name": card.get("name")}

@@ -2,7 +2,7 @@
 
 Three things other tools do with a CT, run on the same input, device and batch size as L-SNet:
 
-* :class:`UNet2DPipeline` - "what a simple tool does": a ResNet34 U-Net (``lsnet.snet.UNetSNet``)
+* :class:`UNet2DPipeline` - "what a simple tool does": a ResNet34 U-Net (``lsnet.method.snet.UNetSNet``)
   on every full 512 x 512 axial slice, threshold, done.
 * :class:`CoarseToFinePipeline` - the 2-D coarse-to-fine cascade L-SNet replaces (Zhou et al. 2017
   style): coarse U-Net on every full slice -> bounding box of the coarse mask padded by 15 px ->
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsnet.preprocess import window
-from lsnet.recalibration import paste_back, recalibrate, theta_from_xyxy
-from lsnet.snet import UNetSNet
+from lsnet.method.recalibration import paste_back, recalibrate, theta_from_xyxy
+from lsnet.method.snet import UNetSNet
+from lsnet.pipeline.preprocess import window
 
 PEER_WINDOW = (0.0, 255.0)  # same HU window as the bundled L-SNet model
 VOXEL_FRACTION = 0.002  # foreground fraction the peer heads are calibrated to (pancreas: ~0.1-0.3 % of a CT)

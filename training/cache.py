@@ -1,8 +1,8 @@
 """Preprocess every case once into a memory-mapped slice cache on disk.
 
 For each case: canonical axial slices are windowed and resampled in-plane to the model's pixel size
-with the engine's own preprocessing (:func:`lsnet.preprocess.window`, :func:`lsnet.preprocess.slice_grid`,
-:func:`lsnet.preprocess.to_canvas`; exactly what inference does), and stored as
+with the engine's own preprocessing (:func:`lsnet.pipeline.preprocess.window`, :func:`lsnet.pipeline.preprocess.slice_grid`,
+:func:`lsnet.pipeline.preprocess.to_canvas`; exactly what inference does), and stored as
 
     <cache>/<case dir>/image.npy   uint8 (K, Hc, Wc)  round(255 * windowed [0, 1]), zero-padded canvas
     <cache>/<case dir>/label.npy   uint8 (K, Hc, Wc)  binary foreground on the same canvas
@@ -149,7 +149,7 @@ def preprocess_case(case: Case, params: CacheParams, out_dir: Path) -> dict:
     """Write ``image.npy``/``label.npy`` of one case into ``out_dir`` and return its metadata."""
     import torch
 
-    from lsnet.preprocess import slice_grid, to_canvas, window
+    from lsnet.pipeline.preprocess import slice_grid, to_canvas, window
 
     data = case.load()
     K, J, I = data.image.shape

@@ -3,7 +3,7 @@
 Sections (defaults = the paper's settings, section 3.1, where it gives them):
 
 ``method``   "lsnet" (L-Net + RR + S-Net, alternating updates), "rstn" / "dsms_unet" / "rpn_fcn" (the seed
-             systems of lsnet.seed_models, end to end), "unet" / "fcn" (one-stage baselines of
+             systems of lsnet.seeds.common, end to end), "unet" / "fcn" (one-stage baselines of
              Table 1 on ResNet34), "c2f" (2-D coarse-to-fine: coarse U-Net -> box padded 15 px -> hard
              crop -> fine network).
 ``model``    :class:`lsnet.config.ModelConfig` fields (architecture, window, spacing, alpha, gamma...).

@@ -25,7 +25,7 @@ Layouts (``cases_from_spec({"type": ..., ...})``):
     ``{"cases": [...]}``) of image/label pairs; relative paths are relative to the list file.  Images
     may be volumes (anything SimpleITK reads, or a DICOM folder) or 2-D image files.
 ``phantom``
-    ``count`` synthetic CTs from :mod:`lsnet.phantom` (seeds ``seed``, ``seed+1``, ...).
+    ``count`` synthetic CTs from :mod:`lsnet.samples.phantom` (seeds ``seed``, ``seed+1``, ...).
 
 Multi-label maps: ``label_values`` (list of ints) or ``label_name`` (looked up in MSD/nnU-Net
 ``dataset.json``) chooses which label values form the foreground; default: every non-zero value.
@@ -237,13 +237,13 @@ def slices2d_cases(
 def read_canonical_case(image_path, label_path, label_values=None):
     """Read an image (file or DICOM folder) and its label map, both in canonical orientation.
 
-    Uses the engine's readers (:func:`lsnet.volume.read_volume`, :func:`lsnet.volume.read_label`, which
+    Uses the engine's readers (:func:`lsnet.io.volume.read_volume`, :func:`lsnet.io.volume.read_label`, which
     resamples the label onto the image grid with nearest neighbour when the grids differ) and
-    :func:`lsnet.geometry.to_canonical`.  Returns ``(image (K, J, I), binary label (K, J, I) uint8,
+    :func:`lsnet.io.geometry.to_canonical`.  Returns ``(image (K, J, I), binary label (K, J, I) uint8,
     canonical spacing (sx, sy, sz))``.
     """
-    from lsnet.geometry import to_canonical
-    from lsnet.volume import read_label, read_volume
+    from lsnet.io.geometry import to_canonical
+    from lsnet.io.volume import read_label, read_volume
 
     vol = read_volume(image_path)
     single = label_values is not None and len(label_values) == 1
@@ -377,7 +377,7 @@ def list_cases(path, label_values: Optional[Sequence[int]] = None, **slice_optio
 # phantoms
 # ------------------------------------------------------------------------------------------------
 def _load_phantom(case: Case) -> CaseData:
-    from lsnet.phantom import make_phantom
+    from lsnet.samples.phantom import make_phantom
 
     o = case.options
     p = make_phantom(tuple(o["shape"]), tuple(o["spacing"]), int(o["seed"]), o.get("target_scale"))

@@ -78,8 +78,8 @@ def load_run(run_dir: Path, which: str = "best") -> tuple:
 @torch.no_grad()
 def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False) -> dict:
     """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases)."""
-    from lsnet.components import components
-    from lsnet.postprocess import keep_large_components
+    from lsnet.method.components import components
+    from lsnet.pipeline.postprocess import keep_large_components
 
     system.eval()
     in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels

@@ -6,7 +6,7 @@
 ``training/evaluate.py`` scores slices on the model's resampled canvas, the paper's way.  This script
 answers the user's question instead: on a whole CT, at its own resolution, how good is the mask that
 ``lsnet segment`` writes, and on how many slices without pancreas does it put something?  Every case is
-segmented twice by :class:`lsnet.inference.Segmenter` (with and without the volume step
+segmented twice by :class:`lsnet.pipeline.inference.Segmenter` (with and without the volume step
 of ``lsnet/postprocess.py``; the network runs once, the step is applied to a copy).
 
 Per case and weights file: slices with a mask; with a label also volume DSC, HD95 (mm, physical
@@ -49,8 +49,8 @@ def score_mask(mask: np.ndarray, label: Optional[np.ndarray], spacing_kji) -> di
 def evaluate_case(segmenter, ct_path: str, label_path: Optional[str], label_value: Optional[int]) -> list:
     """Rows (``step`` = ``none`` and ``large_components``) for one case.  ``segmenter`` must run without
     the volume step (``drop_small_components=False``): it is applied here to a copy of the same output."""
-    from lsnet.postprocess import keep_large_components
-    from lsnet.volume import read_label, read_volume
+    from lsnet.io.volume import read_label, read_volume
+    from lsnet.pipeline.postprocess import keep_large_components
 
     volume = read_volume(ct_path)
     label = None
@@ -92,7 +92,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--label-value", type=int, help="label value of the organ in multi-label maps (default: any > 0)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from lsnet.seed_models import make_segmenter
+    from lsnet.pipeline.seed_inference import make_segmenter
 
     try:
         rows = []

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lsnet.errors import LSNetError, WeightsError
-from lsnet.weights import save_model
+from lsnet.io.weights import save_model
 
 from .methods import build_system
 

@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsnet.architectures import build_model
 from lsnet.config import ModelConfig
-from lsnet.inference import lsnet_predict, merge_max
-from lsnet.registry import build_model
-from lsnet.seed_models import SEED_ARCHITECTURES, box_of_mask, predict_slices
-from lsnet.seed_models import training_losses as seed_training_losses
-from lsnet.decode import decode, rois_from_cells, sample_topk_keypoints
-from lsnet.losses import cls_loss, snet_loss
-from lsnet.model import LSNet
-from lsnet.recalibration import paste_back, recalibrate, theta_from_xyxy
-from lsnet.snet import build_snet
+from lsnet.method.decode import decode, rois_from_cells, sample_topk_keypoints
+from lsnet.method.losses import cls_loss, snet_loss
+from lsnet.method.model import LSNet
+from lsnet.method.recalibration import paste_back, recalibrate, theta_from_xyxy
+from lsnet.method.snet import build_snet
+from lsnet.pipeline.inference import lsnet_predict, merge_max
+from lsnet.seeds.common import SEED_ARCHITECTURES, box_of_mask, predict_slices
+from lsnet.seeds.common import training_losses as seed_training_losses
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, mc: ModelConfig) -> torch.Tensor:
@@ -214,7 +214,7 @@ class CoarseToFineSystem(nn.Module):
 
 
 class SeedSystem(nn.Module):
-    """A seed system of issue 5 (RSTN, DSMS U-Net, RPN-FCN: ``lsnet.seed_models``) trained end to end on
+    """A seed system of issue 5 (RSTN, DSMS U-Net, RPN-FCN: ``lsnet.seeds.common``) trained end to end on
     its own objective (``training_losses``), one optimiser step per iteration, as in its paper."""
 
     def __init__(self, mc: ModelConfig):

@@ -222,7 +222,7 @@ def make_loaders(cfg: dict, train_ds, val_ds, dd: Dist, device: torch.device) ->
 def validate(system, loader, device, autocast, cfg: dict) -> dict:
     """Slice DSC/precision/recall on foreground slices, false-positive slice rate on background slices,
     mIoU of the first stage's boxes (two-stage systems) and the training losses on the val slices."""
-    from lsnet.components import components
+    from lsnet.method.components import components
 
     was_training = system.training
     system.eval()

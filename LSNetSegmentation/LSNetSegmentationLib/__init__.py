@@ -6,5 +6,7 @@ Two kinds of modules live here:
   ``model_card``, ``i18n`` and the requirement parsing of ``install``): they never import ``slicer``,
   ``qt``, ``vtk`` or ``torch`` at module level, so CI tests them with real libraries;
 * Slicer-facing (``results`` and the installing half of ``install``): they import ``slicer`` only
-  inside functions, so importing this package never needs Slicer or PyTorch.
+  inside functions, so importing this package never needs Slicer or PyTorch;
+* the module's logic and parameter node (``logic``): Slicer glue that imports ``slicer``, ``qt`` and
+  ``vtk`` at module level (``LSNetSegmentation.py`` re-exports it; SlicerNNUnet splits the same way).
 """

@@ -1,7 +1,7 @@
 """MRML geometry <-> engine geometry, as plain arrays and matrices (no Slicer, no torch).
 
 Slicer describes a volume by a voxel array ``[k, j, i]`` (``slicer.util.arrayFromVolume``) and a 4x4
-``IJKToRAS`` matrix.  The engine (``lsnet.geometry.Volume``) uses ITK's convention: spacing, origin and
+``IJKToRAS`` matrix.  The engine (``lsnet.io.geometry.Volume``) uses ITK's convention: spacing, origin and
 direction in LPS, in (i, j, k) order.  The two are related by
 
     RAS = F @ (origin + direction @ diag(spacing) @ ijk),   F = diag(-1, -1, 1)   (LPS -> RAS).
@@ -44,15 +44,15 @@ def geometry_from_ijk_to_ras(ijk_to_ras) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def volume_from_slicer(array_kji, ijk_to_ras):
-    """``lsnet.geometry.Volume`` from ``slicer.util.arrayFromVolume`` output and the IJKToRAS matrix."""
-    from lsnet.geometry import Volume  # engine import stays lazy (the module loads without it)
+    """``lsnet.io.geometry.Volume`` from ``slicer.util.arrayFromVolume`` output and the IJKToRAS matrix."""
+    from lsnet.io.geometry import Volume  # engine import stays lazy (the module loads without it)
 
     spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras)
     return Volume(np.asarray(array_kji), tuple(spacing), tuple(origin), direction)
 
 
 def ijk_to_ras_from_volume(volume) -> np.ndarray:
-    """IJKToRAS of an ``lsnet.geometry.Volume`` (what ``SetIJKToRASMatrix`` wants)."""
+    """IJKToRAS of an ``lsnet.io.geometry.Volume`` (what ``SetIJKToRASMatrix`` wants)."""
     return ijk_to_ras_matrix(volume.spacing, volume.origin, volume.direction)
 
 
@@ -60,12 +60,12 @@ def ijk_to_ras_from_volume(volume) -> np.ndarray:
 class Canonicalizer:
     """A Slicer volume (``(K, J, I)`` array shape + IJKToRAS) seen in the engine's canonical orientation.
 
-    Wraps ``lsnet.geometry.Reorientation`` (the engine's single definition of "canonical") and adds
+    Wraps ``lsnet.io.geometry.Reorientation`` (the engine's single definition of "canonical") and adds
     the canonical IJKToRAS matrix, which places RoI boxes and slice positions in RAS.
     """
 
     def __init__(self, ijk_to_ras, shape_kji):
-        from lsnet.geometry import Reorientation
+        from lsnet.io.geometry import Reorientation
 
         self.input_ijk_to_ras = np.asarray(ijk_to_ras, dtype=float).reshape(4, 4)
         self.input_shape = tuple(int(n) for n in shape_kji)

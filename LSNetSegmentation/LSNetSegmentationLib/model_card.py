@@ -1,6 +1,6 @@
 """Find and describe model weights for the GUI (plain Python, no torch).
 
-The card is the JSON written next to each ``.safetensors`` file; ``lsnet.weights.read_model_card``
+The card is the JSON written next to each ``.safetensors`` file; ``lsnet.io.weights.read_model_card``
 reads it without PyTorch.  This module only decides which file to describe and formats the card.
 """
 
@@ -17,7 +17,7 @@ from .parameters import ModelSource
 def bundled_weights_path() -> Optional[Path]:
     """The engine's default weights file, or None if the engine cannot tell (e.g. not trained yet)."""
     try:
-        from lsnet.weights import default_weights_path
+        from lsnet.io.weights import default_weights_path
     except ImportError:
         return None
     try:
@@ -38,7 +38,7 @@ def read_card(weights_path: Optional[Path]) -> Optional[dict]:
     if weights_path is None:
         return None
     try:
-        from lsnet.weights import read_model_card
+        from lsnet.io.weights import read_model_card
 
         return dict(read_model_card(weights_path))
     except Exception:  # noqa: BLE001 - shown as "no card" in the GUI

@@ -46,7 +46,7 @@ DEFAULT_BATCH_SIZE = 8
 BATCH_SIZE_RANGE = (1, 64)
 """Slices per forward pass. Smaller needs less GPU memory; the out-of-memory retry halves it."""
 DEFAULT_DROP_SMALL_COMPONENTS = True
-"""Drop 3-D components smaller than 25 % of the largest (engine ``lsnet.postprocess``; ``--all-components`` when off)."""
+"""Drop 3-D components smaller than 25 % of the largest (engine ``lsnet.pipeline.postprocess``; ``--all-components`` when off)."""
 DEFAULT_SHOW_HEATMAP = True
 DEFAULT_HEATMAP_OPACITY = 0.5
 DEFAULT_SHOW_ROIS = True
@@ -56,7 +56,7 @@ SLICE_RANGE_MAX = 200
 
 WEIGHTS_SUFFIX = ".safetensors"
 
-# --- result naming (segment names, colours and terminology come from the engine: lsnet.terminology) ---
+# --- result naming (segment names, colours and terminology come from the engine: lsnet.io.terminology) ---
 SEGMENTATION_NODE_SUFFIX = " LSNet segmentation"
 HEATMAP_NODE_SUFFIX = " LSNet heatmap"
 ROI_NODE_PREFIX = "LSNet RoI"

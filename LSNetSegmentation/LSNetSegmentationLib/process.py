@@ -1,6 +1,6 @@
 """Run the engine CLI in a child process: command line, JSON progress, cancel (plain Python).
 
-Slicer stays responsive because segmentation runs in ``PythonSlicer -m lsnet.cli segment ...``; a
+Slicer stays responsive because segmentation runs in ``PythonSlicer -m lsnet.app.cli segment ...``; a
 reader thread queues the child's output lines and the GUI polls :meth:`SegmentationProcess.poll`
 from a ``qt.QTimer``.  With ``--progress-json`` the CLI prints one JSON object per line on stdout:
 
@@ -36,7 +36,7 @@ OUTPUT_FILES = {
     "boxes_json": "boxes.json",
     "markups": "rois.mrk.json",
 }
-"""Files ``lsnet.outputs.write_outputs`` writes (keys as in ``lsnet.outputs.FILE_NAMES`` and in the
+"""Files ``lsnet.io.outputs.write_outputs`` writes (keys as in ``lsnet.io.outputs.FILE_NAMES`` and in the
 ``outputs`` of the CLI's ``done`` event)."""
 
 
@@ -56,11 +56,11 @@ def find_python_executable() -> str:
 def build_segment_command(python_executable: str, input_path, output_dir, weights: Optional[str] = None,
                           device: str = "auto", batch_size: int = 8, overwrite: bool = True,
                           drop_small_components: bool = True) -> list[str]:
-    """Argument list of ``python -m lsnet.cli segment INPUT -o OUTDIR ... --progress-json``
+    """Argument list of ``python -m lsnet.app.cli segment INPUT -o OUTDIR ... --progress-json``
     (``drop_small_components=False`` adds ``--all-components``)."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    cmd = [str(python_executable), "-m", "lsnet.cli", "segment", str(input_path), "-o", str(output_dir),
+    cmd = [str(python_executable), "-m", "lsnet.app.cli", "segment", str(input_path), "-o", str(output_dir),
            "--device", device, "--batch-size", str(int(batch_size)), "--progress-json"]
     if weights:
         cmd += ["--weights", str(weights)]

@@ -65,11 +65,11 @@ def import_segmentation(segFile, inputVolume, outputSegmentation=None, replaceEx
 
     A segment whose name already exists is replaced only when ``replaceExisting`` is True; otherwise
     it is added under a new unique name, so nothing the user made is lost silently.  Names, colours
-    and terminology come from ``lsnet.terminology`` (standard SNOMED CT codes of Slicer's General
+    and terminology come from ``lsnet.io.terminology`` (standard SNOMED CT codes of Slicer's General
     Anatomy list).  Returns ``(segmentationNode, [segment ids])``.
     """
     import slicer
-    from lsnet.terminology import lookup_structure
+    from lsnet.io.terminology import lookup_structure
 
     loaded = slicer.util.loadSegmentation(str(segFile))
     try:

@@ -12,9 +12,8 @@ See ``docs/conventions.md`` for coordinate conventions and ``docs/method.md`` fo
 equation maps onto a module.
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: F401
+from lsnet._version import __version__  # noqa: F401
+from lsnet.errors import (  # noqa: F401
     CancelledError,
     DeviceError,
     InputError,
@@ -28,19 +27,31 @@ def __getattr__(name):
     # Lazy re-exports: importing ``lsnet`` must stay cheap and must not import torch (the Slicer
     # module imports lsnet helpers before PyTorch is installed).
     if name in {"segment_volume", "segment_file", "segment_slice", "segment_box", "Segmenter", "load_segmenter"}:
-        from . import api
+        from lsnet import api
 
         return getattr(api, name)
-    if name in {"load_model", "save_model", "read_model_card", "default_weights_path"}:
-        from . import weights
+    if name == "load_model":
+        from lsnet import architectures
+
+        return architectures.load_model
+    if name in {"save_model", "read_model_card", "default_weights_path"}:
+        from lsnet.io import weights
 
         return getattr(weights, name)
-    if name in {"read_volume", "Volume"}:
-        from . import volume
+    if name == "read_volume":
+        from lsnet.io import volume
 
-        return getattr(volume, name)
+        return volume.read_volume
+    if name == "Volume":
+        from lsnet.io import geometry
+
+        return geometry.Volume
     if name == "write_outputs":
-        from . import outputs
+        from lsnet.io import outputs
 
         return outputs.write_outputs
+    if name == "RoiBox":
+        from lsnet import results
+
+        return results.RoiBox
     raise AttributeError(f"module 'lsnet' has no attribute {name!r}")

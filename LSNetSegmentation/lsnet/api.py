@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .inference import Segmenter, check_volume_values  # noqa: F401
-from .seed_models import make_segmenter as load_segmenter  # noqa: F401  (any architecture's card)
+from lsnet.pipeline.inference import Segmenter, check_volume_values  # noqa: F401
+from lsnet.pipeline.seed_inference import make_segmenter as load_segmenter  # noqa: F401  (any architecture's card)
 
 
 def segment_volume(volume, weights=None, device: str = "auto", batch_size: int = 8, **kwargs):
-    """Segment a :class:`lsnet.geometry.Volume` with the bundled (or given) weights."""
+    """Segment a :class:`lsnet.io.geometry.Volume` with the bundled (or given) weights."""
     return load_segmenter(weights=weights, device=device, batch_size=batch_size).segment_volume(volume, **kwargs)
 
 

@@ -68,7 +68,7 @@ class SegmentationResult:
     """What ``lsnet.segment_volume`` returns.
 
     Attributes:
-        volume: the input :class:`lsnet.geometry.Volume` (its geometry defines every output).
+        volume: the input :class:`lsnet.io.geometry.Volume` (its geometry defines every output).
         mask: ``(K, J, I)`` uint8 in the *input* array order; 0 background, label values from the card.
         heatmap: ``(K, J, I)`` float32 in [0, 1], rounded to multiples of 1/255 (display only, see
             ``inference.HEATMAP_LEVELS``), in the input array order (L-Net's K upsampled to the
@@ -78,7 +78,7 @@ class SegmentationResult:
         model_card: the card of the weights used.
         device: e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H100)"``.
         timings: seconds per stage (``read``, ``preprocess``, ``lnet``, ``snet``, ``postprocess``...).
-        postprocess: what the volume step removed (``lsnet.postprocess``: ``step``, ``removed_voxels``,
+        postprocess: what the volume step removed (``lsnet.pipeline.postprocess``: ``step``, ``removed_voxels``,
             ``removed_components``, ``removed_slices``, ``removed_rois``); empty when it did not run.
     """
 

@@ -4,7 +4,7 @@
         import sys; sys.path.append("/path/to/LSNetSegmentation/LSNetSegmentation/Testing/Python")
         import LSNetSegmentationModuleTest; LSNetSegmentationModuleTest.LSNetSegmentationModuleTest().runTest()
 
-It generates a synthetic abdominal CT (``lsnet.phantom``, deterministic) in an oblique-free but
+It generates a synthetic abdominal CT (``lsnet.samples.phantom``, deterministic) in an oblique-free but
 non-LPS array order, segments it with the bundled model through the child process, checks the
 segmentation node (name, terminology, colour, geometry), the RoI table and markups, the heatmap
 display, then moves a RoI, re-segments it, adds one, deletes one and checks the mask changed only
@@ -28,7 +28,7 @@ class LSNetSegmentationModuleTest(ScriptedLoadableModuleTest):
     # --- helpers -------------------------------------------------------------------------------------------
     def _phantomVolume(self):
         """Phantom CT stored with i -> Anterior-to-Posterior reversed, k -> Inferior (not canonical)."""
-        from lsnet.phantom import make_phantom
+        from lsnet.samples.phantom import make_phantom
         from LSNetSegmentationLib import geometry_bridge
 
         p = make_phantom(shape=(24, 128, 128), spacing=(1.5, 1.5, 3.0), seed=3, target_scale=1.2)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .results import RoiBox, present_labels
+from lsnet.results import RoiBox, present_labels
 
 MIN_FRACTION = 0.25
 """Components with fewer voxels than this fraction of the label's largest component are dropped."""

@@ -4,7 +4,7 @@ Files (all in the *input* geometry, so they overlay the CT they came from):
 
 =================================  ==============================================================
 ``<prefix>segmentation.seg.nrrd``  Slicer segmentation (slicerio): one segment per label, standard
-                                   name, colour and terminology (``lsnet.terminology``).
+                                   name, colour and terminology (``lsnet.io.terminology``).
 ``<prefix>segmentation.nii.gz``    plain labelmap (optional, ``nifti=True``).
 ``<prefix>heatmap.nrrd``           L-Net heatmap, float32 in [0, 1] (when the result has one).
 ``<prefix>boxes.json``             every RoI: canonical box + its 8 corners in input IJK and RAS.
@@ -28,10 +28,10 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .errors import OutputError
-from .geometry import LPS_TO_RAS, Reorientation, Volume, apply_affine
-from .results import RoiBox, SegmentationResult, present_labels
-from .terminology import DEFAULT_LABELS, structure_for_label
+from lsnet.errors import OutputError
+from lsnet.io.geometry import LPS_TO_RAS, Reorientation, Volume, apply_affine
+from lsnet.io.terminology import DEFAULT_LABELS, structure_for_label
+from lsnet.results import RoiBox, SegmentationResult, present_labels
 
 logger = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ def check_outputs_free(outdir, *, overwrite: bool = False, prefix: str = "", **f
 def _check_result(result: SegmentationResult) -> None:
     vol = result.volume
     if not isinstance(vol, Volume):
-        raise TypeError("result.volume must be an lsnet.geometry.Volume")
+        raise TypeError("result.volume must be an lsnet.io.geometry.Volume")
     if tuple(np.shape(result.mask)) != vol.shape:
         raise ValueError(f"result.mask shape {np.shape(result.mask)} differs from the volume shape {vol.shape}")
     if result.heatmap is not None and tuple(np.shape(result.heatmap)) != vol.shape:

@@ -1,7 +1,7 @@
 """Is this input plausible CT?  DICOM series facts (modality, gantry tilt, multi-frame, orientation),
 the HU range and the field of view -- checked before segmenting.
 
-Reads headers only (``pydicom``, ``stop_before_pixels``), for the *same* files ``lsnet.volume.read_volume``
+Reads headers only (``pydicom``, ``stop_before_pixels``), for the *same* files ``lsnet.io.volume.read_volume``
 picks (the largest series of a folder), so the checks describe exactly what is segmented.
 
 Policies:
@@ -24,7 +24,7 @@ Policies:
 * **Not DICOM**: NIfTI/NRRD carry no modality; :func:`check_hu_range` warns when a volume has no air
   (nothing below -500 HU), i.e. is probably not CT in HU.
 * **Multi-frame** (one file holding all slices): read as one volume when SimpleITK can; DICOM SEG
-  output is refused for it (:func:`lsnet.dicom_seg.build_segmentation` says why).
+  output is refused for it (:func:`lsnet.io.dicom_seg.build_segmentation` says why).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import InputError
+from lsnet.errors import InputError
+from lsnet.io.geometry import to_canonical
+from lsnet.io.volume import _dicom_files_for, _looks_like_dicom
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ TILT_TOLERANCE_DEG = 0.5
 
 @dataclass
 class DicomSeriesInfo:
-    """Header facts of one DICOM series (the one :func:`lsnet.volume.read_volume` reads)."""
+    """Header facts of one DICOM series (the one :func:`lsnet.io.volume.read_volume` reads)."""
 
     files: list
     modality: str = ""
@@ -73,8 +75,6 @@ class DicomSeriesInfo:
 
 def is_dicom_input(path) -> bool:
     """True for a folder (DICOM series are searched there) or a ``.dcm``/``.ima``/DICM-magic file."""
-    from .volume import _looks_like_dicom
-
     p = Path(path)
     if p.is_dir():
         return True
@@ -84,8 +84,6 @@ def is_dicom_input(path) -> bool:
 def series_files(path) -> list:
     """Files of the DICOM series ``read_volume(path)`` reads (largest series of a folder), sorted as
     SimpleITK/GDCM sorts them.  Raises :class:`InputError` when there is none."""
-    from .volume import _dicom_files_for
-
     volume_log = logging.getLogger(_dicom_files_for.__module__)
     quiet = _DropWarnings()
     volume_log.addFilter(quiet)  # read_volume says "several series, reading the largest" itself: once is enough
@@ -241,8 +239,6 @@ def check_hu_range(volume, source: str = "the volume") -> Optional[str]:
 
 def check_field_of_view(volume, source: str = "the volume") -> None:
     """Refuse an in-plane field of view above :data:`MAX_FOV_MM` (see the module docstring)."""
-    from .geometry import to_canonical
-
     can, _ = to_canonical(volume)
     fov = [can.array.shape[2] * can.spacing[0], can.array.shape[1] * can.spacing[1]]
     if max(fov) > MAX_FOV_MM:

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .decoder import conv_bn_relu
-from .losses import cls_loss
-from .snet import UNetSNet
-from .seed_models import SlicePrediction, check_binary, resolve_options
+from lsnet.config import ModelConfig
+from lsnet.method.decoder import conv_bn_relu
+from lsnet.method.losses import cls_loss
+from lsnet.method.snet import UNetSNet, register_structure
+from lsnet.seeds.common import SlicePrediction, check_binary, resolve_options
 
 DSMS_DEFAULTS = {
     "msc_kernels": [1, 3, 5],  # paper Fig. 2a
@@ -171,3 +171,6 @@ class DSMSUNetModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> segmentation logits ``(B, 1, H, W)``."""
         return self.net(images)
+
+
+register_structure("dsms", DSMSUNet)  # DSMS U-Net as L-SNet's S-Net (ModelConfig.snet_structure = "dsms")

@@ -1,9 +1,9 @@
 """``lsnet`` command line: ``segment``, ``info``, ``demo``.
 
-``lsnet segment`` takes an image file, a DICOM series folder, or -- batch mode (``lsnet.batch``) -- a
+``lsnet segment`` takes an image file, a DICOM series folder, or -- batch mode (``lsnet.app.batch``) -- a
 folder holding several cases or a ``.csv`` case list (``--batch`` forces batch mode for a folder).
-``--dicom-seg`` also writes ``segmentation.dcm`` (``lsnet.dicom_seg``) for DICOM input; a non-CT
-DICOM series is refused unless ``--allow-non-ct`` (``lsnet.dicom_info`` has the input policies).
+``--dicom-seg`` also writes ``segmentation.dcm`` (``lsnet.io.dicom_seg``) for DICOM input; a non-CT
+DICOM series is refused unless ``--allow-non-ct`` (``lsnet.io.dicom_info`` has the input policies).
 
 Exit codes: 0 success, 2 user error (bad input, weights, device, existing outputs; in batch mode: any
 case failed), 3 cancelled (Ctrl-C), 1 internal error (a bug: the message says how to get the traceback
@@ -20,14 +20,14 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from . import __version__
-from .errors import CancelledError, LSNetError
+from lsnet._version import __version__
+from lsnet.errors import CancelledError, LSNetError
 
 # Before torch (imported lazily below) starts OpenMP: idle threads sleep instead of spinning, which
 # keeps a 2-core machine that is doing other work from stalling (benchmarks: 10x on a loaded CPU).
@@ -118,9 +118,9 @@ def _output_kwargs(args) -> dict:
 
 def _check_outputs_free(outdir: Path, args) -> None:
     """Fail before the (long) computation, not after it, when an output file exists (no --overwrite)."""
-    from .dicom_seg import dicom_seg_path
-    from .errors import OutputError
-    from .outputs import check_outputs_free
+    from lsnet.errors import OutputError
+    from lsnet.io.dicom_seg import dicom_seg_path
+    from lsnet.io.outputs import check_outputs_free
 
     kwargs = _output_kwargs(args)
     check_outputs_free(outdir, **kwargs)
@@ -130,7 +130,7 @@ def _check_outputs_free(outdir: Path, args) -> None:
 
 
 def _make_segmenter(args):
-    from .seed_models import make_segmenter
+    from lsnet.pipeline.seed_inference import make_segmenter
 
     return make_segmenter(weights=args.weights, device=args.device, batch_size=args.batch_size,
                           drop_small_components=not getattr(args, "all_components", False))
@@ -138,16 +138,21 @@ def _make_segmenter(args):
 
 def _read_input(args, path):
     """Read an input file/folder with the reliability checks (modality, gantry tilt, HU range)."""
-    from .dicom_info import check_field_of_view, check_hu_range, check_series, is_dicom_input
-    from .errors import InputError
-    from .volume import read_volume
+    from lsnet.errors import InputError
+    from lsnet.io.dicom_info import (
+        check_field_of_view,
+        check_hu_range,
+        check_series,
+        is_dicom_input,
+    )
+    from lsnet.io.volume import read_volume
 
     dicom = is_dicom_input(path)
     if getattr(args, "dicom_seg", False) and not dicom:
         raise InputError(f"--dicom-seg needs a DICOM series as input; {path} is not DICOM. Run without --dicom-seg.")
     info = check_series(path, allow_non_ct=getattr(args, "allow_non_ct", False)) if dicom else None
     if info is not None and info.multiframe and getattr(args, "dicom_seg", False):
-        from .errors import OutputError
+        from lsnet.errors import OutputError
 
         raise OutputError("--dicom-seg is not supported for a multi-frame (enhanced) DICOM source; run without --dicom-seg.")
     volume = read_volume(path)
@@ -158,7 +163,7 @@ def _read_input(args, path):
 
 
 def _run(args, volume_or_path, outdir: Path, reporter: _Reporter, extra_files=None, segmenter=None):
-    from .outputs import write_outputs
+    from lsnet.io.outputs import write_outputs
 
     kwargs = _output_kwargs(args)
     _check_outputs_free(outdir, args)  # fail before the (long) computation, not after it
@@ -177,7 +182,7 @@ def _run(args, volume_or_path, outdir: Path, reporter: _Reporter, extra_files=No
     reporter.close()
     t1 = time.perf_counter()
     if info is not None and getattr(args, "dicom_seg", False):
-        from .dicom_seg import write_outputs_with_seg
+        from lsnet.io.dicom_seg import write_outputs_with_seg
 
         written = write_outputs_with_seg(result, info.files, outdir, **kwargs)
     else:
@@ -190,7 +195,7 @@ def cmd_segment(args, reporter: _Reporter) -> int:
     if not args.outdir:
         raise LSNetError("Give an output folder with -o/--output.")
     outdir = Path(args.outdir)
-    from .batch import is_batch_input
+    from lsnet.app.batch import is_batch_input
 
     if is_batch_input(args.input, outdir, force=args.batch):
         return cmd_batch(args, outdir)
@@ -203,9 +208,9 @@ def cmd_segment(args, reporter: _Reporter) -> int:
 
 
 def cmd_batch(args, outroot: Path) -> int:
-    """Batch mode (``lsnet.batch``): every case through :func:`_run`; summary table on stdout."""
-    from . import batch
-    from .dicom_info import is_dicom_input
+    """Batch mode (``lsnet.app.batch``): every case through :func:`_run`; summary table on stdout."""
+    from lsnet.app import batch
+    from lsnet.io.dicom_info import is_dicom_input
 
     src = Path(args.input)
     if src.is_file():
@@ -273,7 +278,7 @@ def _summary_dict(result, secs: float) -> dict:
 
 
 def cmd_info(args) -> int:
-    from .weights import default_weights_path, read_model_card
+    from lsnet.io.weights import default_weights_path, read_model_card
 
     path = Path(args.weights) if args.weights else default_weights_path()
     card = read_model_card(path)
@@ -301,8 +306,8 @@ def cmd_info(args) -> int:
 def cmd_demo(args, reporter: _Reporter) -> int:
     import numpy as np
 
-    from .overlay import render_overlay
-    from .phantom import make_phantom_volume
+    from lsnet.app.overlay import render_overlay
+    from lsnet.samples.phantom import make_phantom_volume
 
     outdir = Path(args.outdir or "lsnet-demo")
     image, label = make_phantom_volume(shape=(40, 256, 256), spacing=(1.4, 1.4, 2.5), seed=args.seed)

@@ -29,13 +29,30 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .decode import decode
-from .device import describe, resolve_device
-from .errors import CancelledError, InputError, WeightsError
-from .preprocess import SliceGrid, canvas_to_original, slice_grid, stack_channels, to_canvas, window
-from .recalibration import paste_back, recalibrate, theta_from_box, theta_from_xyxy
-from .results import RoiBox, SegmentationResult
+from lsnet.architectures import load_model
+from lsnet.config import ModelConfig
+from lsnet.errors import CancelledError, InputError, WeightsError
+from lsnet.io.dicom_info import check_field_of_view
+from lsnet.io.geometry import Volume, to_canonical
+from lsnet.io.volume import read_volume
+from lsnet.method.decode import decode
+from lsnet.method.recalibration import (
+    paste_back,
+    recalibrate,
+    theta_from_box,
+    theta_from_xyxy,
+)
+from lsnet.pipeline.device import describe, resolve_device
+from lsnet.pipeline.postprocess import boxes_on_mask, keep_large_components
+from lsnet.pipeline.preprocess import (
+    SliceGrid,
+    canvas_to_original,
+    slice_grid,
+    stack_channels,
+    to_canvas,
+    window,
+)
+from lsnet.results import RoiBox, SegmentationResult
 
 log = logging.getLogger("lsnet")
 
@@ -108,8 +125,6 @@ class Segmenter:
 
     def __init__(self, model=None, weights=None, device: str = "auto", batch_size: int = 8, amp: bool = True,
                  card: Optional[dict] = None, drop_small_components: bool = True):
-        from .weights import load_model
-
         self.drop_small_components = bool(drop_small_components)
         self.device = resolve_device(device)
         if model is None:
@@ -190,16 +205,12 @@ class Segmenter:
         heatmap: bool = True,
         on_boxes: Optional[Callable[[int, list], None]] = None,
     ) -> SegmentationResult:
-        """Segment a :class:`lsnet.geometry.Volume` (any orientation; a 1-slice volume is fine).
+        """Segment a :class:`lsnet.io.geometry.Volume` (any orientation; a 1-slice volume is fine).
 
         ``progress(done_slices, total_slices, info)`` is called after every batch; setting ``cancel``
         stops at the next batch with :class:`CancelledError` (nothing is returned or written).
         ``on_boxes(slice_index, [RoiBox])`` is called for every slice with RoIs as soon as it is done.
         """
-        from .geometry import to_canonical
-
-        from .dicom_info import check_field_of_view
-
         t0 = time.perf_counter()
         check_volume_values(volume.array)
         check_field_of_view(volume)
@@ -249,8 +260,6 @@ class Segmenter:
         canonical view) -> (kept boxes, report dict, empty when the step did not run)."""
         if not self.drop_small_components or mask.shape[0] < 2:
             return boxes, {}
-        from .postprocess import boxes_on_mask, keep_large_components
-
         t = time.perf_counter()
         report = keep_large_components(mask).as_dict()
         kept = boxes_on_mask(boxes, mask_c) if report["removed_voxels"] else boxes
@@ -261,8 +270,6 @@ class Segmenter:
 
     def segment_file(self, path, **kwargs) -> SegmentationResult:
         """Read ``path`` (NIfTI, NRRD, MHA, DICOM folder) and segment it; ``timings['read']`` is added."""
-        from .volume import read_volume
-
         t0 = time.perf_counter()
         vol = read_volume(path)
         t_read = time.perf_counter() - t0
@@ -278,8 +285,6 @@ class Segmenter:
         is the box plus the alpha margin, as during training.  Returns ``(mask (J, I) uint8,
         probability (J, I) float32)`` on the canonical slice, zero outside the RoI.
         """
-        from .geometry import to_canonical
-
         can, _ = to_canonical(volume)
         k = can.array.shape[0]
         if not 0 <= slice_index < k:
@@ -302,8 +307,6 @@ class Segmenter:
 
     def segment_slice(self, slice_hu: np.ndarray, spacing_xy=(1.0, 1.0)):
         """One 2-D canonical slice ``(J, I)`` in HU -> ``(mask (J, I), heatmap (J, I), [RoiBox])``."""
-        from .geometry import Volume
-
         a = np.asarray(slice_hu)
         if a.ndim != 2:
             raise InputError(f"segment_slice expects a 2-D slice (rows, columns); got shape {a.shape}.")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .components import components
+from lsnet.method.components import components
 
 STRIDE = 4
 

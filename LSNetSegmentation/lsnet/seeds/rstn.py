@@ -51,11 +51,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .losses import dice_loss
-from .recalibration import paste_back, recalibrate, theta_from_xyxy
-from .seed_models import SlicePrediction, box_of_mask, check_binary, dsc_counts, dsc_from_counts, resolve_options
-from .snet import build_snet
+from lsnet.config import ModelConfig
+from lsnet.method.losses import dice_loss
+from lsnet.method.recalibration import paste_back, recalibrate, theta_from_xyxy
+from lsnet.method.snet import build_snet
+from lsnet.seeds.common import (
+    SlicePrediction,
+    box_of_mask,
+    check_binary,
+    dsc_counts,
+    dsc_from_counts,
+    resolve_options,
+)
 
 RSTN_DEFAULTS = {
     "structure": "fcn",  # paper: FCN-8s for both stages

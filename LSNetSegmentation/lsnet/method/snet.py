@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import UpBlock, conv_bn_relu
-from .resnet import ResNetEncoder
+from lsnet.method.decoder import UpBlock, conv_bn_relu
+from lsnet.method.resnet import ResNetEncoder
 
 
 class UNetSNet(nn.Module):
@@ -60,13 +60,21 @@ class FCNSNet(nn.Module):
         return F.interpolate(s, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_snet(structure: str, backbone: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
-    if structure == "unet":
-        return UNetSNet(backbone, in_channels, num_classes, width)
-    if structure == "fcn":
-        return FCNSNet(backbone, in_channels, num_classes, width)
-    if structure == "dsms":  # DSMS U-Net (dsms_unet.py) as S-Net
-        from .dsms_unet import DSMSUNet
+STRUCTURES: dict[str, type] = {"unet": UNetSNet, "fcn": FCNSNet}
+"""S-Net "basic structures" by ``ModelConfig.snet_structure``: the paper's two (Table 1) here; other
+rooms add theirs with :func:`register_structure` (DSMS U-Net as S-Net, ``lsnet.seeds.dsms_unet``,
+registered when ``lsnet.architectures`` is imported)."""
 
-        return DSMSUNet(backbone, in_channels, num_classes, width)
-    raise ValueError(f"unknown S-Net structure {structure!r}; choose 'unet', 'fcn' or 'dsms'")
+
+def register_structure(name: str, cls: type) -> None:
+    """Make ``cls(backbone, in_channels, num_classes, width)`` buildable as S-Net structure ``name``."""
+    STRUCTURES[name] = cls
+
+
+def build_snet(structure: str, backbone: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
+    if structure not in STRUCTURES:
+        raise ValueError(
+            f"unknown S-Net structure {structure!r}; choose one of {sorted(STRUCTURES)} "
+            "('dsms' is registered by lsnet.seeds.dsms_unet, which lsnet.architectures imports)"
+        )
+    return STRUCTURES[structure](backbone, in_channels, num_classes, width)

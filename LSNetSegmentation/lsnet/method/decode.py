@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .components import components
-from .heatmap import STRIDE
+from lsnet.method.components import components
+from lsnet.method.heatmap import STRIDE
 
 
 @dataclass

@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .components import components
-from .config import ModelConfig
-from .resnet import ResNetEncoder
-from .seed_models import SlicePrediction, check_binary, resolve_options
+from lsnet.config import ModelConfig
+from lsnet.method.components import components
+from lsnet.method.resnet import ResNetEncoder
+from lsnet.seeds.common import SlicePrediction, check_binary, resolve_options
 
 STRIDE = 16
 

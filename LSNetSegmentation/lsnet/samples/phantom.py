@@ -43,6 +43,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from lsnet.io.geometry import Volume
+
 HU_AIR = -1000.0
 HU_FAT = -100.0
 HU_VISCERAL_FAT = -90.0
@@ -294,13 +296,11 @@ def make_phantom_volume(
     target_scale: Optional[float] = None,
     noise_hu: float = 12.0,
 ):
-    """:func:`make_phantom` wrapped as ``(image, label)`` :class:`lsnet.geometry.Volume` objects.
+    """:func:`make_phantom` wrapped as ``(image, label)`` :class:`lsnet.io.geometry.Volume` objects.
 
     Both volumes share one canonical geometry: direction = identity (LPS), origin centred in-plane at
     (0, 0) and z starting at 0, so physical point (i, j, k) = origin + (i*sx, j*sy, k*sz).
     """
-    from .geometry import Volume
-
     p = make_phantom(shape, spacing, seed, target_scale, noise_hu)
     K, J, I = p.array.shape
     sx, sy, sz = p.spacing

@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .decode import rois_from_cells, sample_topk_keypoints
-from .heatmap import targets_from_masks
-from .lnet import LNet
-from .losses import lnet_loss, snet_loss
-from .recalibration import decay_gradient, recalibrate, theta_from_box
-from .snet import build_snet
+from lsnet.config import ModelConfig
+from lsnet.method.decode import rois_from_cells, sample_topk_keypoints
+from lsnet.method.heatmap import targets_from_masks
+from lsnet.method.lnet import LNet
+from lsnet.method.losses import lnet_loss, snet_loss
+from lsnet.method.recalibration import decay_gradient, recalibrate, theta_from_box
+from lsnet.method.snet import build_snet
 
 
 class LSNet(nn.Module):

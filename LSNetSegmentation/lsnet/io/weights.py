@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import WeightsError
+from lsnet.errors import WeightsError
 
 CARD_FORMAT = "lsnet-model-card/1"
 DEFAULT_WEIGHTS_NAME = "lsnet_pancreas.safetensors"
@@ -34,7 +34,7 @@ def default_weights_path() -> Path:
     env = os.environ.get("LSNET_WEIGHTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models" / DEFAULT_WEIGHTS_NAME
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models" / DEFAULT_WEIGHTS_NAME
 
 
 def sha256_of(path: Path) -> str:
@@ -166,36 +166,39 @@ def save_model(model, path: os.PathLike, card: Optional[dict[str, Any]] = None, 
     return path
 
 
-def load_model(path: Optional[os.PathLike] = None, device: str = "cpu"):
-    """Build the network described by the card and load its tensors; returns ``(model, card)``.
+def checked_card(path: Optional[os.PathLike] = None) -> tuple[dict, Path]:
+    """The model card of a weights file (default: the bundled model) after the file's checks;
+    ``(card, path of the .safetensors file)``.
 
-    Raises :class:`WeightsError` with a clear message for a missing, pickled, truncated, foreign or
-    mismatched file.  ``model`` is in eval mode on ``device`` (fp32).
+    Raises :class:`WeightsError` with a clear message for a missing, pickled or foreign file, or a
+    checksum that does not match the card.  Which network the card describes is not this module's
+    business: ``lsnet.architectures.load_model`` builds it, then calls :func:`read_tensors` and
+    :func:`load_state_checked`.
     """
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .config import ModelConfig
-    from .registry import build_model
-
     path = Path(path) if path is not None else default_weights_path()
     card = read_model_card(path)
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
     verify_checksum(path, card)
+    return card, path
+
+
+def read_tensors(path: Path) -> dict:
+    """The tensors of a checked ``.safetensors`` file, by name, on the CPU (``WeightsError`` if truncated)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        config = ModelConfig.from_dict(card["config"])
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"The model card of {path} has an invalid config: {e}") from e
-    try:
-        model = build_model(config)
-    except ValueError as e:
-        raise WeightsError(f"The model card of {path} describes an architecture this version cannot build: {e}") from e
-    try:
-        tensors = load_file(str(path), device="cpu")
+        return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise WeightsError(f"{path} cannot be read as safetensors ({e}); the file is probably truncated. Export it again.") from e
+
+
+def load_state_checked(model, tensors: dict, path: Path, architecture: str) -> None:
+    """Copy ``tensors`` into ``model`` (an ``nn.Module``) after checking names and shapes.
+
+    A missing, unexpected or wrongly shaped tensor raises :class:`WeightsError` naming up to five of each.
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -205,7 +208,7 @@ def load_model(path: Optional[os.PathLike] = None, device: str = "cpu"):
             return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
 
         raise WeightsError(
-            f"{path} does not match the architecture in its model card ({config.architecture}): "
+            f"{path} does not match the architecture in its model card ({architecture}): "
             + "; ".join(
                 s
                 for s in (
@@ -217,4 +220,3 @@ def load_model(path: Optional[os.PathLike] = None, device: str = "cpu"):
             )
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
-    return model.to(torch.device(device)).eval(), card

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .errors import CancelledError, InputError, LSNetError
+from lsnet.errors import CancelledError, InputError, LSNetError
+from lsnet.io.volume import _dicom_series_in
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def _inside(path: Path, root: Optional[Path]) -> bool:
 def _dicom_series(directory: Path) -> list:
     """``[(series uid, files)]`` directly in ``directory``, largest first (GDCM warnings silenced)."""
     import SimpleITK as sitk
-
-    from .volume import _dicom_series_in
 
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)

@@ -25,10 +25,12 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import InputError, OutputError
-from .results import SegmentationResult, present_labels
-from .terminology import ANATOMICAL_STRUCTURE, structure_for_label
+from lsnet._version import __version__
+from lsnet.errors import InputError, OutputError
+from lsnet.io.dicom_info import series_files
+from lsnet.io.outputs import labels_from_card, write_outputs
+from lsnet.io.terminology import ANATOMICAL_STRUCTURE, Code, structure_for_label
+from lsnet.results import SegmentationResult, present_labels
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +54,12 @@ def _require_highdicom():
 def read_source_datasets(source) -> list:
     """pydicom datasets (headers only) of the DICOM series ``read_volume(source)`` reads.
 
-    ``source`` is a folder / file path (the series is picked exactly as :func:`lsnet.volume.read_volume`
+    ``source`` is a folder / file path (the series is picked exactly as :func:`lsnet.io.volume.read_volume`
     picks it) or a sequence of file paths.
     """
     _require_highdicom()
     import pydicom
     from pydicom.errors import InvalidDicomError
-
-    from .dicom_info import series_files
 
     files = [str(f) for f in source] if isinstance(source, (list, tuple)) else series_files(source)
     out = []
@@ -81,8 +81,6 @@ def segment_descriptions(labels: Sequence[dict], model_name: str) -> list:
     """highdicom SegmentDescriptions, numbered 1..n in the order of ``labels`` (the model card's)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-
-    from .terminology import Code
 
     algo = hd.AlgorithmIdentificationSequence(
         name=f"LSNet {model_name}"[:64], family=codes.cid7162.ArtificialIntelligence, version=__version__
@@ -210,8 +208,6 @@ def build_segmentation(result: SegmentationResult, source, *, content_label: str
     _require_highdicom()
     import highdicom as hd
 
-    from .outputs import labels_from_card
-
     datasets = read_source_datasets(source)
     if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
         raise OutputError(
@@ -334,14 +330,12 @@ def dicom_seg_path(outdir, prefix: str = "") -> Path:
 
 def write_outputs_with_seg(result: SegmentationResult, source, outdir, *, overwrite: bool = False, prefix: str = "",
                            **output_kwargs) -> dict:
-    """:func:`lsnet.outputs.write_outputs` plus ``segmentation.dcm``, all or nothing.
+    """:func:`lsnet.io.outputs.write_outputs` plus ``segmentation.dcm``, all or nothing.
 
     The SEG is built and written to a temporary name first; then the other outputs are written (they are
     atomic themselves); the SEG is renamed into place last.  Returns write_outputs' ``{key: Path}`` plus
     ``"dicom_seg"``.
     """
-    from .outputs import write_outputs
-
     path = dicom_seg_path(outdir, prefix)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise OutputError(f"{path} exists; nothing was written. Choose another folder or pass --overwrite.")

@@ -1,4 +1,4 @@
-"""Reading CT volumes and label images into :class:`lsnet.geometry.Volume` (SimpleITK).
+"""Reading CT volumes and label images into :class:`lsnet.io.geometry.Volume` (SimpleITK).
 
 Supported inputs: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``,
 ``.mhd``), any other 3-D format SimpleITK reads, and DICOM series (a folder, a folder tree such as a TCIA
@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .geometry import Volume
+from lsnet.errors import InputError
+from lsnet.io.geometry import Volume
 
 __all__ = ["Volume", "read_volume", "read_label", "volume_from_array", "check_volume"]
 
@@ -358,7 +358,7 @@ def _first_line(error: Exception) -> str:
 def read_volume(path) -> Volume:
     """Read a CT volume; see the module docstring for formats.  Raises :class:`InputError`.
 
-    Returns a :class:`Volume` in the file's own orientation (use :func:`lsnet.geometry.to_canonical`).
+    Returns a :class:`Volume` in the file's own orientation (use :func:`lsnet.io.geometry.to_canonical`).
     The array keeps the stored integer type (int16 for most CT) or is ``float32``.
     """
     p = Path(path).expanduser()

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import UpBlock, conv_bn_relu
-from .resnet import ResNetEncoder
+from lsnet.method.decoder import UpBlock, conv_bn_relu
+from lsnet.method.resnet import ResNetEncoder
 
 T_SCALE = 16.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeviceError
+from lsnet.errors import DeviceError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
