@@ -1,5 +1,12 @@
 """Augmentation of CT slice batches with torch ops, on whatever device the batch lives on.
 
+Domain randomisation (ours, off by default; ``p_*`` > 0 turns each on, ``training/configs/robust_cpu.json``
+uses them): the shifts a model meets on CT from other scanners and protocols, drawn per sample --
+acquisition at a coarser in-plane pixel size (0.6-3 mm: down- then up-sampling), partial-volume blur
+of thick slices (Gaussian), correlated low-dose noise (HU), a different contrast phase (the organ's
+enhancement shifted by tens of HU inside its smoothed mask), window/offset changes (HU scale and
+offset), and JPEG artefacts (the public 2-D slices are JPEG).
+
 Geometric (scale jitter, small rotation, small translation) and intensity (contrast, brightness,
 Gaussian noise) changes suited to windowed CT slices.  One random affine per sample is applied to the
 image and its mask with the SAME ``affine_grid`` (``align_corners=False``, docs/conventions.md): the
@@ -35,6 +42,28 @@ class AugmentConfig:
     """Additive shift up to +-brightness (windowed units; 0.05 ~ 13 HU in the [0, 255] window)."""
     noise_std: float = 0.02
     """Gaussian noise with standard deviation drawn in [0, noise_std]."""
+    # --- domain randomisation (ours; every p_* = 0 leaves the batch as it was) ---------------------
+    p_resolution: float = 0.0
+    """Probability of simulating acquisition at a pixel size drawn in ``resolution_mm``."""
+    resolution_mm: tuple = (0.6, 3.0)
+    p_blur: float = 0.0
+    """Probability of a Gaussian blur (thick-slice partial volume), sigma drawn in ``blur_mm`` (mm)."""
+    blur_mm: tuple = (0.3, 1.5)
+    p_ct_noise: float = 0.0
+    """Probability of correlated low-dose noise with a standard deviation drawn in ``ct_noise_hu``."""
+    ct_noise_hu: tuple = (5.0, 40.0)
+    p_enhancement: float = 0.0
+    """Probability of shifting the organ's intensity (contrast phase) by a draw in ``enhancement_hu``."""
+    enhancement_hu: tuple = (-60.0, 50.0)
+    p_window: float = 0.0
+    """Probability of an HU scale in ``window_scale`` and offset up to +-``window_offset_hu``."""
+    window_scale: tuple = (0.9, 1.1)
+    window_offset_hu: float = 30.0
+    p_jpeg: float = 0.0
+    """Probability of a JPEG round trip at a quality drawn in ``jpeg_quality`` (CPU, Pillow)."""
+    jpeg_quality: tuple = (30, 95)
+    hu_per_unit: float = 255.0
+    """HU per unit of the windowed image (the width of ``ModelConfig.window``; 255 for [0, 255])."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentConfig":
@@ -43,16 +72,19 @@ class AugmentConfig:
         if bad:
             raise ValueError(f"unknown augmentation keys: {', '.join(bad)}")
         d = dict(d)
-        for k in ("scale", "contrast"):
+        for k in _PAIRS:
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
         return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["scale"] = list(self.scale)
-        d["contrast"] = list(self.contrast)
+        for k in _PAIRS:
+            d[k] = list(getattr(self, k))
         return d
+
+
+_PAIRS = ("scale", "contrast", "resolution_mm", "blur_mm", "ct_noise_hu", "enhancement_hu", "window_scale", "jpeg_quality")
 
 
 def _uniform(n: int, lo: float, hi: float, device, generator) -> torch.Tensor:
@@ -113,13 +145,106 @@ def intensity(images: torch.Tensor, cfg: AugmentConfig, generator: Optional[torc
     return ((images - 0.5) * c + 0.5 + br + sd * noise).clamp_(0.0, 1.0)
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, generator: Optional[torch.Generator] = None) -> tuple:
-    """Random geometric + intensity augmentation of a batch (identity when ``cfg.enabled`` is False).
+def gaussian_blur(images: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` with one sigma (pixels) per sample ``(B,)``."""
+    b, c, h, w = images.shape
+    r = int(math.ceil(3 * float(sigma_px.max()))) if len(sigma_px) else 0
+    if r < 1:
+        return images
+    x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
+    k = torch.exp(-0.5 * (x[None] / sigma_px.to(images.dtype).clamp(min=1e-3)[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (B, 2r+1)
+    y = images.reshape(1, b * c, h, w)
+    kk = k.repeat_interleave(c, 0)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), kk.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), kk.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
 
-    ``images`` ``(B, C, H, W)`` float in [0, 1]; ``masks`` ``(B, H, W)`` -> the same shapes.
+
+def _chosen(b: int, p: float, device, generator) -> torch.Tensor:
+    return torch.rand(b, device=device, generator=generator) < p
+
+
+def domain_shift(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, pixel_mm: float,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The domain randomisation of the module docstring on ``images`` ``(B, C, H, W)`` in [0, 1] whose
+    pixels are ``pixel_mm`` mm; ``masks`` ``(B, H, W)`` locate the organ for the contrast-phase shift."""
+    b = images.shape[0]
+    dev = images.device
+    hu = float(cfg.hu_per_unit)
+    out = images
+    if cfg.p_resolution > 0:
+        pick = _chosen(b, cfg.p_resolution, dev, generator)
+        mm = torch.exp(_uniform(b, math.log(cfg.resolution_mm[0]), math.log(cfg.resolution_mm[1]), dev, generator))
+        rows = []
+        for i in range(b):
+            f = float(pixel_mm / mm[i])
+            if bool(pick[i]) and f < 0.95:  # coarser than our grid: the detail is lost
+                h, w = out.shape[-2:]
+                small = F.interpolate(out[i : i + 1], size=(max(1, round(h * f)), max(1, round(w * f))),
+                                      mode="bilinear", align_corners=False, antialias=True)
+                rows.append(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False))
+            else:
+                rows.append(out[i : i + 1])
+        out = torch.cat(rows)
+    if cfg.p_blur > 0:
+        pick = _chosen(b, cfg.p_blur, dev, generator)
+        sigma = _uniform(b, cfg.blur_mm[0], cfg.blur_mm[1], dev, generator) / pixel_mm
+        out = torch.where(pick.view(-1, 1, 1, 1), gaussian_blur(out, sigma), out)
+    if cfg.p_enhancement > 0:
+        pick = _chosen(b, cfg.p_enhancement, dev, generator).float()
+        shift = _uniform(b, cfg.enhancement_hu[0], cfg.enhancement_hu[1], dev, generator) / hu
+        soft = gaussian_blur(masks.unsqueeze(1).float(), torch.full((b,), 1.5 / pixel_mm, device=dev))
+        out = out + (pick * shift).view(-1, 1, 1, 1) * soft * (out > 0).to(out.dtype)
+    if cfg.p_ct_noise > 0:
+        pick = _chosen(b, cfg.p_ct_noise, dev, generator).float()
+        sd = _uniform(b, cfg.ct_noise_hu[0], cfg.ct_noise_hu[1], dev, generator) / hu
+        n = torch.randn(out.shape, device=dev, generator=generator, dtype=out.dtype)
+        n = gaussian_blur(n, torch.full((b,), 0.7, device=dev))  # CT noise is correlated over ~1 px
+        n = n / n.flatten(1).std(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        out = out + (pick * sd).view(-1, 1, 1, 1) * n
+    if cfg.p_window > 0:
+        pick = _chosen(b, cfg.p_window, dev, generator)
+        s = torch.where(pick, _uniform(b, cfg.window_scale[0], cfg.window_scale[1], dev, generator), torch.ones(b, device=dev))
+        o = torch.where(pick, _uniform(b, -cfg.window_offset_hu, cfg.window_offset_hu, dev, generator) / hu, torch.zeros(b, device=dev))
+        out = out * s.view(-1, 1, 1, 1) + o.view(-1, 1, 1, 1)
+    out = out.clamp(0.0, 1.0)
+    if cfg.p_jpeg > 0:
+        pick = _chosen(b, cfg.p_jpeg, dev, generator)
+        q = _uniform(b, cfg.jpeg_quality[0], cfg.jpeg_quality[1], dev, generator)
+        if bool(pick.any()):
+            out = out.clone()
+            for i in torch.nonzero(pick).flatten().tolist():
+                for ch in range(out.shape[1]):
+                    out[i, ch] = jpeg_round_trip(out[i, ch], int(q[i]))
+    return out
+
+
+def jpeg_round_trip(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """``(H, W)`` in [0, 1] -> the same after 8-bit JPEG encoding at ``quality`` (Pillow)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a = (image.detach().float().cpu().numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=int(quality))
+    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0
+    return torch.from_numpy(back).to(image.device, image.dtype)
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
+                  pixel_mm: float = 1.0) -> tuple:
+    """Random geometric + domain + intensity augmentation of a batch (identity when ``cfg.enabled`` is False).
+
+    ``images`` ``(B, C, H, W)`` float in [0, 1] with ``pixel_mm`` mm pixels; ``masks`` ``(B, H, W)`` ->
+    the same shapes.
     """
     if not cfg.enabled:
         return images, masks
     theta = random_affine(images.shape[0], tuple(images.shape[-2:]), cfg, images.device, generator)
     images, masks = warp(images, masks, theta)
+    if any(getattr(cfg, k) > 0 for k in ("p_resolution", "p_blur", "p_enhancement", "p_ct_noise", "p_window", "p_jpeg")):
+        images = domain_shift(images, masks, cfg, pixel_mm, generator)
     return intensity(images, cfg, generator), masks

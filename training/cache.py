@@ -128,7 +128,10 @@ class CacheParams:
 
     @classmethod
     def from_model_config(cls, mc) -> "CacheParams":
-        return cls(tuple(float(v) for v in mc.window), float(mc.spacing), int(mc.pad_multiple))
+        """The canvas the network input is cut from: L-Net's, or with ``mc.roi_source_factor = f`` the
+        ``f`` times finer RoI-source canvas (as ``lsnet.pipeline.inference.Segmenter._grid``)."""
+        f = int(getattr(mc, "roi_source_factor", 1))
+        return cls(tuple(float(v) for v in mc.window), float(mc.spacing) / f, int(mc.pad_multiple) * f)
 
 
 def tight_box(mask: np.ndarray) -> Optional[list]:

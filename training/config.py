@@ -50,7 +50,8 @@ METHODS = ("lsnet", "unet", "fcn", "c2f", "rstn", "dsms_unet", "rpn_fcn")
 DEFAULTS: dict = {
     "method": "lsnet",
     "model": ModelConfig().to_dict(),
-    "lsnet": {"topk": 3, "roi_mode": "rr"},
+    "lsnet": {"topk": 3, "roi_mode": "rr", "prompt_boxes": 0.0, "prompt_jitter_mm": [-2.0, 10.0],
+              "prompt_shift": 0.1},
     "baseline": {"backbone": "resnet34", "coarse_backbone": "resnet18", "structure": "unet", "pad": 15,
                  "fine_box": "gt", "jitter": 8},
     "loss": {"kind": "paper"},

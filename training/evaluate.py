@@ -55,8 +55,8 @@ from .train import CachedCase, load_checkpoint, resolve_device
 
 log = logging.getLogger("training.evaluate")
 
-COLUMNS = ["label", "method", "fold", "split", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc", "dsc_sd",
-           "precision", "recall", "miou", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
+COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc",
+           "dsc_sd", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
            "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "seconds", "run"]
 
 
@@ -75,31 +75,111 @@ def load_run(run_dir: Path, which: str = "best") -> tuple:
     return cfg, state, ck.stem
 
 
+SHIFTS = {
+    "clean": "the held-out slices as they are",
+    "res2mm": "acquired at 2 mm in-plane pixels (down- and up-sampled; no change on a canvas of >= 2 mm)",
+    "res3mm": "acquired at 3 mm in-plane pixels",
+    "thick5mm": "5 mm slices: mean of the slices within +-2 mm (volumes only; isolated 2-D slices unchanged)",
+    "noise": "correlated low-dose noise, SD 25 HU",
+    "lowdose3mm": "3 mm in-plane pixels + noise SD 25 HU (the shift test of docs/results.md)",
+    "window": "another calibration: HU x 1.1 - 20",
+}
+"""Named input shifts of the held-out data (ours): robustness is measured on these, not hoped for."""
+
+
+def apply_shift(x: torch.Tensor, shift: str, pixel_mm: float, seed: int, hu_per_unit: float = 255.0) -> torch.Tensor:
+    """``x`` ``(B, C, H, W)`` windowed canvas slices in [0, 1] (``pixel_mm`` mm pixels) under ``shift``
+    (:data:`SHIFTS`; ``thick5mm`` is done on the volume before this call).  Deterministic for a ``seed``."""
+    from .augment import gaussian_blur
+
+    def coarser(a: torch.Tensor, mm: float) -> torch.Tensor:
+        f = pixel_mm / mm
+        if f >= 0.95:
+            return a
+        h, w = a.shape[-2:]
+        small = torch.nn.functional.interpolate(a, size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        return torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+    def noisy(a: torch.Tensor, sd_hu: float) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        n = torch.randn(a.shape, generator=g).to(a.device, a.dtype)
+        n = gaussian_blur(n, torch.full((a.shape[0],), 0.7 * 1.0 / pixel_mm, device=a.device).clamp(min=0.35))
+        n = n / n.flatten(1).std(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        return (a + (sd_hu / hu_per_unit) * n).clamp(0.0, 1.0)
+
+    if shift in ("clean", "thick5mm"):
+        return x
+    if shift == "res2mm":
+        return coarser(x, 2.0)
+    if shift == "res3mm":
+        return coarser(x, 3.0)
+    if shift == "noise":
+        return noisy(x, 25.0)
+    if shift == "lowdose3mm":
+        return noisy(coarser(x, 3.0), 25.0)
+    if shift == "window":
+        return (x * 1.1 - 20.0 / hu_per_unit).clamp(0.0, 1.0)
+    raise InputError(f"unknown shift {shift!r}; known: {', '.join(SHIFTS)}")
+
+
+def prompt_boxes_of(masks: torch.Tensor, grow_px: float) -> tuple:
+    """The box-prompt test's user boxes: the tight box of each slice's foreground grown by ``grow_px``
+    per side -> ``(boxes (N, 4), batch (N,))`` for the slices of ``masks`` ``(B, H, W)`` with foreground."""
+    from lsnet.seeds.common import box_of_mask
+
+    boxes, has = box_of_mask(masks)
+    idx = torch.nonzero(has).flatten()
+    b = boxes[idx].float()
+    return torch.cat([b[:, :2] - grow_px, b[:, 2:] + grow_px], 1), idx
+
+
+BOX_PROMPT_GROW_MM = 4.0
+"""Box-prompt DSC: S-Net inside the ground-truth box grown by 4 mm a side (a user's loose box)."""
+
+
 @torch.no_grad()
-def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False) -> dict:
-    """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases)."""
+def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False,
+                    shift: str = "clean") -> dict:
+    """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases) under ``shift``."""
     from lsnet.method.components import components
+    from lsnet.pipeline.inference import box_prompt_predict
     from lsnet.pipeline.postprocess import keep_large_components
 
     system.eval()
     in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels
+    model = getattr(system, "model", None)
+    box_prompt = model is not None and hasattr(model, "snet") and getattr(system, "roi_mode", "rr") == "rr"
+    sp = float(cache.params.spacing)
     acc = MeanAccumulator()
     slice_dsc = []
     per_volume = {"": [], "_pp": []}  # volume_scores of every volume, before / after the volume step
     n_fg = n_bg = 0
-    for cid in case_ids:
+    for ci, cid in enumerate(case_ids):
         img, lab = cache.arrays(cid)
         meta = cache.metas[cid]
         K = img.shape[0]
-        pred_vol = np.zeros(lab.shape, dtype=np.uint8) if (meta["contiguous"] and K > 1) else None
+        contiguous = meta["contiguous"] and K > 1
+        pred_vol = np.zeros(lab.shape, dtype=np.uint8) if contiguous else None
+        thick = 0
+        if shift == "thick5mm" and contiguous:
+            thick = max(0, int(round(2.0 / (meta["spacing"][2] or 1.0))))
         for k0 in range(0, K, batch_size):
             ks = list(range(k0, min(K, k0 + batch_size)))
+
+            def plane(k: int) -> np.ndarray:
+                if not thick:
+                    return np.asarray(img[k], np.float32)
+                lo, hi = max(0, k - thick), min(K, k + thick + 1)
+                return np.asarray(img[lo:hi], np.float32).mean(0)
+
             if in_ch == 1:
-                x = np.asarray(img[k0 : ks[-1] + 1], np.float32)[:, None]
+                x = np.stack([plane(k) for k in ks])[:, None]
             else:
                 nb = [meta["slices"][k]["nb"] for k in ks]
-                x = np.stack([np.stack([img[a], img[k], img[b]]) for k, (a, b) in zip(ks, nb)]).astype(np.float32)
-            xt = torch.from_numpy(x).to(device) * (1.0 / IMAGE_SCALE)
+                x = np.stack([np.stack([plane(a), plane(k), plane(b)]) for k, (a, b) in zip(ks, nb)])
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device) * (1.0 / IMAGE_SCALE)
+            xt = apply_shift(xt, shift, sp, seed=ci * 100003 + k0)
             mt = torch.from_numpy(np.array(lab[k0 : ks[-1] + 1])).to(device) > 0
             ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
             with ctx:
@@ -116,11 +196,15 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             if "boxes" in out:
                 comp = components(mt)
                 acc.add("miou", object_best_ious(comp.boxes, comp.batch, out["boxes"], out["box_batch"]))
+            if box_prompt and bool(s["gt_any"].any()):
+                boxes, bidx = prompt_boxes_of(mt, BOX_PROMPT_GROW_MM / sp)
+                with ctx:
+                    pb = box_prompt_predict(model, xt, boxes, bidx) > model.config.mask_threshold
+                acc.add("box_dsc", slice_scores(pb, mt)["dsc"])
             if pred_vol is not None:
                 pred_vol[k0 : ks[-1] + 1] = pred.cpu().numpy()
         if pred_vol is not None:
             sz = meta["spacing"][2] or 1.0
-            sp = float(cache.params.spacing)
             gt = np.asarray(lab) > 0
             stepped = pred_vol.copy()
             keep_large_components(stepped)
@@ -130,6 +214,7 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
     r["dsc_sd"] = float(np.std(slice_dsc, ddof=1)) if len(slice_dsc) > 1 else None
     r["slices_fg"], r["slices_bg"] = n_fg, n_bg
     r["volumes"] = len(per_volume[""])
+    r["shift"] = shift
     for suffix, scores in per_volume.items():  # means over volumes; FP-slice rate over all their slices
         for key, name in (("vol_dsc", f"vol_dsc{suffix}"), ("hd95_mm", f"hd95{suffix}_mm")):
             values = [s[key] for s in scores]
@@ -140,7 +225,8 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
 
 
 def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Optional[list], batch_size: int,
-                 cache_dir: Optional[str], amp: bool, split: str = "val") -> dict:
+                 cache_dir: Optional[str], amp: bool, split: str = "val", shifts: tuple = ("clean",)) -> list:
+    """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint."""
     cfg, state, ck_name = load_run(run_dir, which)
     system = build_system(cfg)
     system.load_state_dict(state["system"])
@@ -166,14 +252,17 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
         if split == "train":
             eval_cases = train_cases
         cache.open([c.case_id for c in eval_cases])
-    t0 = time.perf_counter()
-    r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp)
-    r.update({
-        "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": int(state["epoch"]),
-        "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
-        "split": split if data_specs is None else "data",
-    })
-    return r
+    rows = []
+    for shift in shifts:
+        t0 = time.perf_counter()
+        r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp, shift)
+        r.update({
+            "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": int(state["epoch"]),
+            "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
+            "split": split if data_specs is None else "data",
+        })
+        rows.append(r)
+    return rows
 
 
 def write_results(out: Path, stem: str, markdown: str, rows: list, columns: list) -> str:
@@ -203,35 +292,36 @@ def _fmt(v, pct: bool = True) -> str:
 
 
 def to_markdown(rows: list) -> str:
-    head = ["run", "method", "fold", "ckpt (epoch)", "patients", "fg / bg slices", "DSC %", "Precision %", "Recall %",
-            "mIoU %", "FP-slice %", "volumes", "vol DSC %", "HD95 mm"]
+    head = ["run", "shift", "method", "fold", "ckpt (epoch)", "patients", "fg / bg slices", "DSC %", "Precision %",
+            "Recall %", "mIoU %", "box-prompt DSC %", "FP-slice %", "volumes", "vol DSC %", "HD95 mm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["label"], r["method"], str(r["fold"]), f"{r['checkpoint']} ({r['epoch']})", str(r["patients"]),
+            r["label"], r.get("shift", "clean"), r["method"], str(r["fold"]), f"{r['checkpoint']} ({r['epoch']})", str(r["patients"]),
             f"{r['slices_fg']} / {r['slices_bg']}", f"{_fmt(r.get('dsc'))} +- {_fmt(r.get('dsc_sd'))}", _fmt(r.get("precision")), _fmt(r.get("recall")),
-            _fmt(r.get("miou")), _fmt(r.get("fp_slice_rate")), str(r.get("volumes", 0)), _fmt(r.get("vol_dsc")),
+            _fmt(r.get("miou")), _fmt(r.get("box_dsc")), _fmt(r.get("fp_slice_rate")), str(r.get("volumes", 0)), _fmt(r.get("vol_dsc")),
             _fmt(r.get("hd95_mm"), pct=False)]) + " |")
     # summary over folds per label prefix (run label without a trailing "_fN")
     groups: dict = {}
     for r in rows:
-        groups.setdefault(r["group"], []).append(r)
+        groups.setdefault((r["group"], r.get("shift", "clean")), []).append(r)
     if any(len(g) > 1 for g in groups.values()):
         lines += ["", "Mean +- SD over runs (folds):", "",
-                  "| method | runs | DSC % | Precision % | Recall % | mIoU % | FP-slice % |", "|---|---|---|---|---|---|---|"]
-        for name, g in groups.items():
+                  "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | FP-slice % | "
+                  "volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (name, shift), g in groups.items():
             cells = []
-            for k in ("dsc", "precision", "recall", "miou", "fp_slice_rate"):
+            for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
                 v = [x[k] for x in g if x.get(k) is not None]
                 cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
-            lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")
     vol_rows = [r for r in rows if r.get("volumes")]
     if vol_rows:
-        lines += ["", "Volumes, before -> after the volume step (lsnet/postprocess.py: small 3-D components dropped):", "",
-                  "| run | volumes | vol DSC % | HD95 mm | FP-slice % (volume slices without foreground) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "Volumes, before -> after the volume step (lsnet/pipeline/postprocess.py: small 3-D components dropped):", "",
+                  "| run | shift | volumes | vol DSC % | HD95 mm | FP-slice % (volume slices without foreground) |",
+                  "|---|---|---|---|---|---|"]
         for r in vol_rows:
-            lines.append(f"| {r['label']} | {r['volumes']} | {_fmt(r.get('vol_dsc'))} -> {_fmt(r.get('vol_dsc_pp'))} | "
+            lines.append(f"| {r['label']} | {r.get('shift', 'clean')} | {r['volumes']} | {_fmt(r.get('vol_dsc'))} -> {_fmt(r.get('vol_dsc_pp'))} | "
                          f"{_fmt(r.get('hd95_mm'), pct=False)} -> {_fmt(r.get('hd95_pp_mm'), pct=False)} | "
                          f"{_fmt(r.get('vol_fp_slice_rate'))} -> {_fmt(r.get('vol_fp_slice_rate_pp'))} |")
     return "\n".join(lines) + "\n"
@@ -247,6 +337,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--shifts", default="clean", help="comma-separated input shifts to evaluate under: "
+                    + ", ".join(f"{k} ({v})" for k, v in SHIFTS.items()) + "; 'all' = every one")
     ap.add_argument("--split", default="val", choices=["val", "train"],
                     help="evaluate on each run's validation patients (default) or on its training patients")
     args = ap.parse_args(argv)
@@ -254,17 +346,23 @@ def main(argv: Optional[list] = None) -> int:
     try:
         device = resolve_device(args.device, 0)
         specs = json.loads(Path(args.data).read_text()) if args.data else None
+        shifts = tuple(SHIFTS) if args.shifts == "all" else tuple(s.strip() for s in args.shifts.split(",") if s.strip())
+        bad = [s for s in shifts if s not in SHIFTS]
+        if bad:
+            raise InputError(f"unknown shift(s) {', '.join(bad)}; known: {', '.join(SHIFTS)}")
         rows = []
         for item in args.runs:
             label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
             run_dir = Path(d)
             label = label or run_dir.name
-            r = evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp, args.split)
-            r["label"] = label
-            r["run"] = str(run_dir)
-            r["group"] = group_of(label)
-            rows.append(r)
-            log.info("%s: %s", label, {k: r.get(k) for k in ("dsc", "precision", "recall", "miou", "fp_slice_rate")})
+            for r in evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp,
+                                  args.split, shifts):
+                r["label"] = label
+                r["run"] = str(run_dir)
+                r["group"] = group_of(label)
+                rows.append(r)
+                log.info("%s [%s]: %s", label, r["shift"],
+                         {k: r.get(k) for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate")})
         print(write_results(Path(args.out), "results", to_markdown(rows), rows, COLUMNS))
     except LSNetError as e:
         print(f"error: {e}", file=sys.stderr)

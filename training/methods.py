@@ -59,12 +59,46 @@ def hard_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple) -> tuple:
     return recalibrate(images, theta, size), theta
 
 
+def jittered_prompt_boxes(masks: torch.Tensor, fraction: float, side_mm: tuple, shift: float, pixel_mm: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boxes a user might draw around the organ (ours, not the paper): for a random ``fraction`` of the
+    slices with foreground, the tight box of the slice's foreground, each side moved outward by a
+    uniform draw in ``side_mm`` (negative = tighter than the organ), the centre shifted by up to
+    ``shift`` x the box size.  ``masks`` ``(B, H, W)``; returns ``(N, 5)`` = ``(slice, x0, y0, x1, y1)``
+    in pixels of ``masks`` (``pixel_mm`` mm each)."""
+    boxes, has = box_of_mask(masks > 0.5)
+    dev = masks.device
+    pick = has & (torch.rand(has.shape, device=dev, generator=generator) < fraction)
+    idx = torch.nonzero(pick).flatten()
+    if not len(idx):
+        return torch.zeros(0, 5, device=dev)
+    b = boxes[idx]
+    n = len(idx)
+    lo, hi = side_mm
+    grow = (lo + (hi - lo) * torch.rand(n, 4, device=dev, generator=generator)) / pixel_mm
+    size = torch.stack([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+    move = (2 * torch.rand(n, 2, device=dev, generator=generator) - 1) * shift * size
+    out = torch.stack([b[:, 0] - grow[:, 0] + move[:, 0], b[:, 1] - grow[:, 1] + move[:, 1],
+                       b[:, 2] + grow[:, 2] + move[:, 0], b[:, 3] + grow[:, 3] + move[:, 1]], 1)
+    h, w = masks.shape[-2:]
+    out[:, 0::2] = out[:, 0::2].clamp(0, w)
+    out[:, 1::2] = out[:, 1::2].clamp(0, h)
+    c = (out[:, :2] + out[:, 2:]) / 2  # keep at least 2 px per axis
+    half = ((out[:, 2:] - out[:, :2]) / 2).clamp(min=1.0)
+    out = torch.cat([c - half, c + half], 1)
+    return torch.cat([idx.float().unsqueeze(1), out], 1)
+
+
 class LSNetSystem(nn.Module):
-    def __init__(self, mc: ModelConfig, topk: int = 3, roi_mode: str = "rr"):
+    def __init__(self, mc: ModelConfig, topk: int = 3, roi_mode: str = "rr", prompt_boxes: float = 0.0,
+                 prompt_jitter_mm: tuple = (-2.0, 10.0), prompt_shift: float = 0.1):
         super().__init__()
         self.model = LSNet(mc)
         self.topk = topk
         self.roi_mode = roi_mode
+        self.prompt_boxes = float(prompt_boxes)
+        self.prompt_jitter_mm = tuple(float(v) for v in prompt_jitter_mm)
+        self.prompt_shift = float(prompt_shift)
 
     @property
     def config(self) -> ModelConfig:
@@ -78,7 +112,12 @@ class LSNetSystem(nn.Module):
             return self.model.lnet_losses(images, masks)
         if mode == "snet":
             if self.roi_mode == "rr":
-                return self.model.snet_losses(images, masks, gamma=gamma, topk=self.topk)
+                prompts = None
+                if self.prompt_boxes > 0 and self.training:
+                    c = self.config
+                    prompts = jittered_prompt_boxes(masks, self.prompt_boxes, self.prompt_jitter_mm, self.prompt_shift,
+                                                    c.spacing / c.roi_source_factor)
+                return self.model.snet_losses(images, masks, gamma=gamma, topk=self.topk, prompt_boxes=prompts)
             return self._snet_crop(images, masks)
         if mode == "predict":
             return self.predict(images)
@@ -251,7 +290,9 @@ def build_system(cfg: dict) -> nn.Module:
             from lsnet.errors import InputError
 
             raise InputError("loss.kind='bce' is only available for the baselines (Table 2 ablates it on S-Net alone)")
-        return LSNetSystem(mc, int(cfg["lsnet"]["topk"]), cfg["lsnet"]["roi_mode"])
+        ls = cfg["lsnet"]
+        return LSNetSystem(mc, int(ls["topk"]), ls["roi_mode"], float(ls["prompt_boxes"]), tuple(ls["prompt_jitter_mm"]),
+                           float(ls["prompt_shift"]))
     if m in ("unet", "fcn"):
         return SegSystem(mc, m, bl["backbone"], loss)
     if m in SEED_ARCHITECTURES:

@@ -191,7 +191,8 @@ def prepare_data(cfg: dict, out: Path, dd: Dist) -> tuple:
             "train_patients": sorted({c.patient_id for c in train_cases}),
             "val_patients": sorted({c.patient_id for c in val_cases}),
             "train_cases": len(train_cases), "val_cases": len(val_cases), "extra_train_cases": len(extra)}, indent=1))
-    crop = (int(dcfg["crop"]), int(dcfg["crop"]))
+    crop_px = int(dcfg["crop"]) * int(mc.roi_source_factor)  # data.crop is in L-Net pixels
+    crop = (crop_px, crop_px)
     seed = int(cfg["train"]["seed"])
     train_ds = SliceDataset(cache, [c.case_id for c in train_cases], crop, mc.in_channels, train=True, seed=seed)
     val_ds = SliceDataset(cache, [c.case_id for c in val_cases], crop, mc.in_channels, train=False) if val_cases else None
@@ -309,6 +310,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
     amp = tcfg["amp"] == "bf16" or (tcfg["amp"] == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
     aug = AugmentConfig.from_dict(cfg["augment"])
+    pixel_mm = float(CacheParams.from_model_config(model_config(cfg)).spacing)  # of the training crops
     phases = training_phases(cfg)
     gamma = float(cfg["model"]["gamma"])
     max_iters = tcfg["max_iters"]
@@ -329,7 +331,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
                 break
             x = batch["image"].to(device, non_blocking=True)
             m = batch["mask"].to(device, non_blocking=True)
-            x, m = augment_batch(x, m, aug, gen)
+            x, m = augment_batch(x, m, aug, gen, pixel_mm)
             row = train_iteration(ddp, system, opt, phases, x, m, gamma, autocast)
             for k, v in row.items():
                 acc.add(k, v)

@@ -64,6 +64,12 @@ class ModelConfig:
     spacing: float = 1.25
     """In-plane pixel size (mm) every slice is resampled to before L-Net; see ``preprocess.py``."""
     pad_multiple: int = 32  # L-Net downsamples 5 times
+    roi_source_factor: int = 1
+    """*ours*: RR samples S-Net's RoI from a canvas ``roi_source_factor`` times finer than L-Net's
+    (pixels of ``spacing / roi_source_factor`` mm); L-Net sees that canvas average-pooled by the factor.
+    Both canvases cover the same field of view, so theta (normalised coordinates) is the same for both.
+    1 = RR samples L-Net's own input (the paper).  At 2 mm a pancreas is ~30 x 15 px, which S-Net's
+    128 px RoI would otherwise upsample ~4x from a blurred canvas; see docs/method.md."""
 
     labels: list = field(default_factory=lambda: [{"value": 1, "name": "Pancreas", "snomed": "15776009"}])
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PANCREAS_RGB = (249, 180, 111)
+REFERENCE_RGB = (60, 220, 60)  # a reference label (the demo: the manual segmentation)
 _RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
 
 
@@ -48,10 +49,12 @@ def choose_slices(result, n: int = 4) -> list[int]:
     return sorted(set(picks))[:n]
 
 
-def render_overlay(result, path, n: int = 4, panel: int = 320, window=(-160.0, 240.0)) -> Path:
-    """Write the overview PNG to ``path`` and return it."""
+def render_overlay(result, path, n: int = 4, panel: int = 320, window=(-160.0, 240.0), reference=None) -> Path:
+    """Write the overview PNG to ``path`` and return it; ``reference``: an optional label array in the
+    input's order (e.g. a manual segmentation), outlined in green under the result's red outline."""
     can = result.reorientation.to_canonical_array(result.volume.array)
     mask_c = result.reorientation.to_canonical_array(result.mask)
+    ref_c = result.reorientation.to_canonical_array(reference) if reference is not None else None
     heat_c = result.reorientation.to_canonical_array(result.heatmap) if result.heatmap is not None else None
     slices = choose_slices(result, n)
     tiles = []
@@ -63,6 +66,8 @@ def render_overlay(result, path, n: int = 4, panel: int = 320, window=(-160.0, 2
             hm = np.asarray(heat_c[k], dtype=np.float32)
             a = (np.clip(hm, 0, 1) * 0.6)[..., None] * (hm > 0.05)[..., None]
             rgb = rgb * (1 - a) + _colormap(hm).astype(np.float32) * a
+        if ref_c is not None:
+            rgb[_outline(np.asarray(ref_c[k]))] = REFERENCE_RGB
         rgb[_outline(mask_c[k])] = PANCREAS_RGB
         img = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
         h, w = ct.shape

@@ -7,6 +7,7 @@ code path; ``training/train.py`` owns the loop, optimisers and data.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lsnet.config import ModelConfig
@@ -14,12 +15,32 @@ from lsnet.method.decode import rois_from_cells, sample_topk_keypoints
 from lsnet.method.heatmap import targets_from_masks
 from lsnet.method.lnet import LNet
 from lsnet.method.losses import lnet_loss, snet_loss
-from lsnet.method.recalibration import decay_gradient, recalibrate, theta_from_box
+from lsnet.method.recalibration import decay_gradient, recalibrate, theta_from_box, theta_from_xyxy
 from lsnet.method.snet import build_snet
 
 
+def pool_to_lnet(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The RoI-source canvas ``(B, C, f*H, f*W)`` -> L-Net's input ``(B, C, H, W)`` (average pooling by
+    ``factor``; identity for 1).  Exact pooling keeps the field of view, so normalised coordinates
+    (theta) mean the same point in both."""
+    return images if factor == 1 else F.avg_pool2d(images, factor)
+
+
+def pool_masks(masks: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(B, f*H, f*W)`` binary masks -> ``(B, H, W)`` on L-Net's grid (a cell is foreground when at
+    least half of its fine pixels are)."""
+    if factor == 1:
+        return masks
+    return (F.avg_pool2d(masks.float().unsqueeze(1), factor)[:, 0] >= 0.5).to(masks.dtype)
+
+
 class LSNet(nn.Module):
-    """``lnet(x)`` -> heatmap logits and T; ``snet(roi)`` -> mask logits (see lnet.py / snet.py)."""
+    """``lnet(x)`` -> heatmap logits and T; ``snet(roi)`` -> mask logits (see lnet.py / snet.py).
+
+    With ``config.roi_source_factor = f > 1`` (ours, not the paper) the training losses take the
+    RoI-source canvas ``(B, C, f*H, f*W)`` and its masks: L-Net sees them pooled by ``f``
+    (:func:`pool_to_lnet`), RR samples the RoI from the fine canvas with the same theta.
+    """
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
@@ -36,13 +57,15 @@ class LSNet(nn.Module):
         Also returns ``heat``/``T`` (detached) for the RoI draw.
         """
         c = self.config
-        kstar, tstar, _ = targets_from_masks(masks, c.delta, c.beta)
-        logits, T = self.lnet(images)
+        f = c.roi_source_factor
+        kstar, tstar, _ = targets_from_masks(pool_masks(masks, f), c.delta, c.beta)
+        logits, T = self.lnet(pool_to_lnet(images, f))
         out = lnet_loss(logits, T, kstar, tstar, c.lam, c.dice_weight, c.focal_alpha, c.focal_gamma)
         out["heat"] = torch.sigmoid(logits.detach().float())
         return out
 
-    def snet_losses(self, images: torch.Tensor, masks: torch.Tensor, gamma: float | None = None, topk: int = 3) -> dict[str, torch.Tensor]:
+    def snet_losses(self, images: torch.Tensor, masks: torch.Tensor, gamma: float | None = None, topk: int = 3,
+                    prompt_boxes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Second half: RoI from a random top-``topk`` keypoint, RR, S-Net, L_S-Net (Eq. 6).
 
         L-Net is run again (its parameters were just updated) so the S-Net loss reaches L-Net's box
@@ -50,20 +73,32 @@ class LSNet(nn.Module):
         The target mask is recalibrated with the same (detached) theta, bilinearly, and thresholded at
         0.5.  Slices without foreground still train S-Net (empty target): at inference a false RoI
         must produce an empty mask.
+
+        ``prompt_boxes`` ``(N, 5)`` = ``(slice, x0, y0, x1, y1)`` in pixels of ``images`` (ours, not
+        the paper): extra RoIs, e.g. jittered ground-truth boxes, that train S-Net for user-drawn boxes
+        (``Segmenter.segment_box``); they carry no gradient into L-Net and join the same loss.
         """
         c = self.config
+        f = c.roi_source_factor
         gamma = c.gamma if gamma is None else gamma
-        logits, T = self.lnet(images)
+        small = pool_to_lnet(images, f)
+        logits, T = self.lnet(small)
         heat = torch.sigmoid(logits.detach().float())
         cells, scores = sample_topk_keypoints(heat, topk)
         batch = torch.arange(images.shape[0], device=images.device)
         rois = rois_from_cells(T.float(), batch, cells, scores, c.min_box_size)
-        theta = theta_from_box(rois.keypoints, rois.ltrb, images.shape[-2:], c.alpha)
+        theta = theta_from_box(rois.keypoints, rois.ltrb, small.shape[-2:], c.alpha)
         theta = decay_gradient(theta, gamma)
+        src, src_masks = images, masks
+        if prompt_boxes is not None and len(prompt_boxes):
+            idx = prompt_boxes[:, 0].long()
+            extra = theta_from_xyxy(prompt_boxes[:, 1:] / f, small.shape[-2:], c.alpha)
+            theta = torch.cat([theta, extra.to(theta.dtype)])
+            src, src_masks = torch.cat([images, images[idx]]), torch.cat([masks, masks[idx]])
         size = (c.roi_size, c.roi_size)
-        roi = recalibrate(images, theta, size)
+        roi = recalibrate(src, theta, size)
         with torch.no_grad():
-            target = (recalibrate(masks.unsqueeze(1).float(), theta.detach(), size) > 0.5).float()
+            target = (recalibrate(src_masks.unsqueeze(1).float(), theta.detach(), size) > 0.5).float()
         if hasattr(self.snet, "forward_with_aux"):  # DSMS U-Net as S-Net: + its restoration loss
             mlog, aux = self.snet.forward_with_aux(roi)
         else:

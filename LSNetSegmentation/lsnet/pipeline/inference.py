@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -36,6 +37,7 @@ from lsnet.io.dicom_info import check_field_of_view
 from lsnet.io.geometry import Volume, to_canonical
 from lsnet.io.volume import read_volume
 from lsnet.method.decode import decode
+from lsnet.method.model import pool_to_lnet
 from lsnet.method.recalibration import (
     paste_back,
     recalibrate,
@@ -84,25 +86,55 @@ def lsnet_predict(model, x: torch.Tensor, out_hw=None, scale=(1.0, 1.0), autocas
     """The inference rule of section 2.5 on a preprocessed batch (one code path for the engine and
     the training validation).
 
-    ``x`` ``(B, C, H, W)`` windowed canvas slices -> ``(prob (B, H', W'), heat (B, 1, H/4, W/4), rois)``:
-    L-Net -> ``decode`` -> RR -> S-Net -> theta^-1 into the ``out_hw`` grid (default: the canvas; see
-    ``recalibration.paste_back`` for ``scale``) -> max over the RoIs of each slice.
+    ``x`` ``(B, C, H, W)`` windowed canvas slices -> ``(prob (B, H', W'), heat (B, 1, H/4f, W/4f), rois)``:
+    L-Net (on ``x`` pooled by ``f = config.roi_source_factor``; ``x`` itself when f = 1, the paper) ->
+    ``decode`` -> RR from ``x`` -> S-Net -> theta^-1 into the ``out_hw`` grid (default: ``x``'s; see
+    ``recalibration.paste_back`` for ``scale``) -> max over the RoIs of each slice.  ``rois.boxes``
+    are in pixels of ``x``.
     """
     c = model.config
+    f = c.roi_source_factor
     b = x.shape[0]
     out_hw = tuple(out_hw or x.shape[-2:])
+    small = pool_to_lnet(x, f)
     with autocast():
-        logits, T = model.lnet(x)
+        logits, T = model.lnet(small)
     heat = torch.sigmoid(logits.float())
     rois = decode(heat, T.float(), c.heatmap_threshold, c.min_box_size)
     if not len(rois):
         return torch.zeros(b, *out_hw, device=x.device), heat, rois
-    theta = theta_from_box(rois.keypoints, rois.ltrb, tuple(x.shape[-2:]), c.alpha)
+    theta = theta_from_box(rois.keypoints, rois.ltrb, tuple(small.shape[-2:]), c.alpha)
     roi = recalibrate(x[rois.batch], theta, (c.roi_size, c.roi_size))
     with autocast():
         m = model.snet(roi)
     pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
+    if f != 1:
+        rois = replace(rois, boxes=rois.boxes * f)
     return merge_max(pasted, rois.batch, b), heat, rois
+
+
+def box_prompt_predict(model, x: torch.Tensor, boxes: torch.Tensor, batch: torch.Tensor, out_hw=None,
+                       scale=(1.0, 1.0), autocast=nullcontext) -> torch.Tensor:
+    """S-Net alone inside given boxes (a user's RoIs; the box-prompt path of ``Segmenter.segment_box``).
+
+    ``x`` ``(B, C, H, W)`` canvas slices as for :func:`lsnet_predict`; ``boxes`` ``(N, 4)`` ``(x0, y0,
+    x1, y1)`` in pixels of ``x``; ``batch`` ``(N,)`` slice of each box.  The RoI sampled is the box
+    plus the alpha margin (in L-Net pixels), as in training.  Returns the probability ``(B, H', W')``
+    on ``out_hw`` (default ``x``'s grid), 0 outside every box, max over the boxes of a slice.
+    """
+    c = model.config
+    f = c.roi_source_factor
+    b = x.shape[0]
+    out_hw = tuple(out_hw or x.shape[-2:])
+    if not len(boxes):
+        return torch.zeros(b, *out_hw, device=x.device)
+    lnet_hw = (x.shape[-2] // f, x.shape[-1] // f)
+    theta = theta_from_xyxy(boxes.float() / f, lnet_hw, c.alpha)
+    roi = recalibrate(x[batch], theta, (c.roi_size, c.roi_size))
+    with autocast():
+        m = model.snet(roi)
+    pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
+    return merge_max(pasted, batch, b)
 
 
 class Segmenter:
@@ -150,6 +182,13 @@ class Segmenter:
         if self.device.type == "cuda" and self.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+    def _grid(self, original_hw: tuple, spacing_xy: tuple) -> SliceGrid:
+        """The canvas the network input is built on: L-Net's (``config.spacing`` mm), or with
+        ``roi_source_factor = f`` the RoI-source canvas ``f`` times finer (L-Net pools it by ``f``)."""
+        c = self.config
+        f = c.roi_source_factor
+        return slice_grid(original_hw, spacing_xy, c.spacing / f, c.pad_multiple * f)
 
     # ------------------------------------------------------------------ the per-batch core
     @torch.inference_mode()
@@ -218,13 +257,13 @@ class Segmenter:
         arr = can.array
         k, h0, w0 = arr.shape
         spacing_xy = (float(can.spacing[0]), float(can.spacing[1]))
-        grid = slice_grid((h0, w0), spacing_xy, self.config.spacing, self.config.pad_multiple)
+        grid = self._grid((h0, w0), spacing_xy)
         mask = np.zeros(volume.array.shape, dtype=np.uint8)
         mask_c = reo.to_canonical_array(mask)
         heat = np.zeros(volume.array.shape, dtype=np.float32) if heatmap else None
         heat_c = reo.to_canonical_array(heat) if heatmap else None
         boxes: list[RoiBox] = []
-        margin = self.config.alpha / grid.f[0]
+        margin = self.config.alpha * self.config.roi_source_factor / grid.f[0]  # alpha is in L-Net pixels
         timings = {"preprocess": time.perf_counter() - t0, "network": 0.0, "postprocess": 0.0}
         start = 0
         while start < k:
@@ -293,15 +332,12 @@ class Segmenter:
             raise InputError("The RoI box is empty: draw a box with a positive width and height.")
         c = self.config
         h0, w0 = can.array.shape[1:]
-        grid = slice_grid((h0, w0), (float(can.spacing[0]), float(can.spacing[1])), c.spacing, c.pad_multiple)
+        grid = self._grid((h0, w0), (float(can.spacing[0]), float(can.spacing[1])))
         raw = stack_channels(can.array, slice_index, slice_index + 1, c.in_channels)
         x = to_canvas(window(torch.from_numpy(np.array(raw, order="C")).to(self.device), c.window), grid)
         xyxy = grid.to_canvas_xyxy(torch.tensor([[box.x0, box.y0, box.x1, box.y1]], dtype=torch.float32, device=self.device))
-        theta = theta_from_xyxy(xyxy, grid.canvas_hw, c.alpha)
-        roi = recalibrate(x, theta, (c.roi_size, c.roi_size))
-        with self._autocast():
-            m = self.model.snet(roi)
-        p = paste_back(torch.sigmoid(m.float()[:, :1]), theta, (h0, w0), grid.paste_scale())[0, 0]
+        batch = torch.zeros(1, dtype=torch.long, device=self.device)
+        p = box_prompt_predict(self.model, x, xyxy, batch, (h0, w0), grid.paste_scale(), self._autocast)[0]
         p = p.cpu().numpy()
         return (p > c.mask_threshold).astype(np.uint8), p
 
