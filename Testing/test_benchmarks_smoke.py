@@ -118,3 +118,29 @@ def test_a_run_that_did_no_work_is_an_error_not_a_row():
     for run, total in ((0, 48), (0, 0), (49, 48)):
         with pytest.raises(RuntimeError):
             work_label("patch", run, total)
+
+
+def test_slicer_path_stages_from_the_real_child_process(tmp_path):
+    """bench_slicer_path.py runs the module's child command (LSNetSegmentationLib.process) and splits its time."""
+    out = tmp_path / "slicer_path.json"
+    _run([str(BENCH / "bench_slicer_path.py"), "--slices", "12", "--hw", "64", "--repeats", "1", "--workdir", str(tmp_path / "w"),
+          "--out", str(out)], tmp_path, timeout=300)
+    doc, res = _results(out)
+    assert len(res) == 1 and "error" not in res[0], res[0].get("error")
+    r = res[0]
+    run = r["runs"][0]
+    assert run["slices"] == 12 and "segmentation.seg.nrrd" in run["outputs"] and "heatmap.nrrd" in run["outputs"]
+    st = run["stages"]
+    assert {"input_export", "child_start", "model_load", "read", "segment", "write", "child_exit"} <= set(st)
+    assert st["child_start"] > 0 and st["model_load"] > 0 and st["segment"] > 0  # derived stages are consistent
+    assert abs(sum(st.values()) - run["total"]) < 1e-9
+    try:
+        import slicer  # noqa: F401
+
+        has_scene = getattr(slicer, "mrmlScene", None) is not None
+    except ImportError:
+        has_scene = False
+    if not has_scene:  # the import stage is never faked
+        assert r["mrml_import"] == "not run" and r["mrml_import_reason"] and "mrml_import" not in st
+    md = _run([str(BENCH / "report.py"), str(out)], tmp_path).stdout
+    assert "Time to result after Segment" in md and "| synthetic 64x64x12 | 1 |" in md

@@ -170,7 +170,7 @@ def slicer_path_tables(docs) -> list[str]:
         out += header(d, "Time to result after Segment (the Slicer module's path)")
         out.append(f"- {d.get('method', '')}")
         out.append("")
-        out.append("| input | runs | time to result (s, median) | min - max | input export | child start + imports | model load | read | segment | write outputs | child exit | MRML import | peak RAM child (MB) |")
+        out.append("| input | runs | time to result (s, median) | min - max | input export (SimpleITK stand-in) | child start | import torch + engine, load model | read | segment | write outputs | child exit | MRML import | peak RAM child (MB) |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res:
             if "error" in r:
