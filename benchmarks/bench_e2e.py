@@ -16,6 +16,14 @@ For every slice count a synthetic 512 x 512 x K int16 CT is written UNCOMPRESSED
 * ``cli``          (``--cli``) the real ``lsnet.app.cli.main(["segment", ...])`` in a child: its own timings
                    (read + segment + write, excluding start-up and model loading) and its wall time.
 
+Inputs: synthetic CTs (``--slices``), real CTs (``--real-ct PATH``, files or DICOM folders, repeatable)
+and the shipped sample CT (``--sample-ct PATH``), all in one run so ratios to ``lsnet`` on the same input
+come from the same session.  ``--repeat N`` runs each system N times (median, min, max); a system whose
+first run takes longer than ``--single-run-over`` seconds (default 60) runs once.  ``--max-patches-3d``
+0 (default) runs the 3-D peer's whole sliding window; every row records ``network_time`` ("measured"
+or "extrapolated") and what ran (``work_run``/``work_total`` slices or patches; ``patches_run``/
+``patches_total`` for the 3-D peer).  ``--estimate-only`` prints the expected runtime and stops.
+
 Stage split (the ``profile`` runs): ``read``; ``preprocess`` = canonical view + output allocation +
 per-batch slice stacking, window, resampling and host->device copy; ``lnet``; ``decode_rr`` = heatmap
 decoding + theta + RoI sampling; ``snet``; ``postprocess`` = paste-back, max-merge, heatmap resampling,
