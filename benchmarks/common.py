@@ -57,10 +57,14 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """Short commit of the checkout, ``+uncommitted`` when tracked files differ from it (the table then
+    does not describe that commit exactly)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (head or "unknown") + ("+uncommitted" if dirty else "")
 
 
 def env_info() -> dict[str, Any]:
