@@ -57,10 +57,14 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """Short commit of the checkout, ``+uncommitted`` when tracked files differ from it (the table then
+    does not describe that commit exactly)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (head or "unknown") + ("+uncommitted" if dirty else "")
 
 
 def env_info() -> dict[str, Any]:
@@ -266,7 +270,6 @@ def build_bench_model(ct_path, workdir, width: int = 32, seed: int = 0, fire_fra
     ``BLOCK_SLICES`` slices of the benchmark CT and saved in float32 to ``workdir`` so that child
     processes and the ``lsnet`` CLI load exactly the same network.
     """
-    import SimpleITK as sitk
     import torch
 
     from lsnet.config import ModelConfig
@@ -285,10 +288,12 @@ def build_bench_model(ct_path, workdir, width: int = 32, seed: int = 0, fire_fra
         return out, json.loads(info_path.read_text())
     torch.manual_seed(seed)
     model = LSNet(ModelConfig(width=width)).eval()
-    img = sitk.ReadImage(str(ct_path))
-    arr = sitk.GetArrayViewFromImage(img)
-    n = min(BLOCK_SLICES, arr.shape[0])
-    cal = calibrate_kp_bias(model, np.array(arr[:n]), img.GetSpacing()[:2], fire_fraction)
+    from lsnet.io.geometry import to_canonical
+    from lsnet.io.volume import read_volume
+
+    can, _ = to_canonical(read_volume(ct_path))  # a file or a DICOM folder
+    n = min(BLOCK_SLICES, can.array.shape[0])
+    cal = calibrate_kp_bias(model, np.array(can.array[:n]), tuple(float(v) for v in can.spacing[:2]), fire_fraction)
     info = {"weights": "random", "width": width, "seed": seed, "fire_fraction_target": fire_fraction, **cal}
     save_model(model, out, {"name": f"benchmark-random-w{width}", "description": "random weights, KP bias calibrated (benchmarks only)"}, dtype="float32")
     info["path"] = str(out)

@@ -90,9 +90,11 @@ class UNet2DPipeline:
         k = arr.shape[0]
         mask = np.zeros(arr.shape, np.uint8)
         t = {"preprocess": 0.0, "network": 0.0, "postprocess": 0.0}
+        slices_run = 0
         for s in range(0, k, self.bs):
             t0 = time.perf_counter()
             x = self._in(arr[s : s + self.bs])
+            slices_run += x.shape[0]
             _sync(self.dev)
             t1 = time.perf_counter()
             with _autocast(self.dev):
@@ -104,7 +106,7 @@ class UNet2DPipeline:
             t["preprocess"] += t1 - t0
             t["network"] += t2 - t1
             t["postprocess"] += t3 - t2
-        return mask, t, {}
+        return mask, t, {"slices_run": slices_run, "slices_total": k}
 
 
 class CoarseToFinePipeline(UNet2DPipeline):
@@ -140,10 +142,11 @@ class CoarseToFinePipeline(UNet2DPipeline):
         k, h, w = arr.shape
         mask = np.zeros(arr.shape, np.uint8)
         t = {"preprocess": 0.0, "coarse": 0.0, "box_crop": 0.0, "fine": 0.0, "postprocess": 0.0}
-        n_fine = 0
+        n_fine = slices_run = 0
         for s in range(0, k, self.bs):
             t0 = time.perf_counter()
             x = self._in(arr[s : s + self.bs])
+            slices_run += x.shape[0]
             _sync(self.dev)
             t1 = time.perf_counter()
             with _autocast(self.dev):
@@ -184,7 +187,7 @@ class CoarseToFinePipeline(UNet2DPipeline):
             t["fine"] += t4 - t3
             t["postprocess"] += t5 - t4
         t["network"] = t["coarse"] + t["fine"]
-        return mask, t, {"fine_crops": n_fine, "fine_crops_per_slice": n_fine / k}
+        return mask, t, {"fine_crops": n_fine, "fine_crops_per_slice": n_fine / k, "slices_run": slices_run, "slices_total": k}
 
 
 # ------------------------------------------------------------------------------------------ 3-D peer
@@ -260,10 +263,15 @@ class UNet3DPipeline:
     CT_CLIP = (-160.0, 240.0)  # abdominal soft-tissue clip, then z-score (nnU-Net "CT" normalisation)
 
     def __init__(self, device: torch.device, channels_last: bool, patch_batch: int = 1, seed: int = 0, max_patches: int | None = None):
+        """``max_patches``: ``None`` or ``0`` = the whole sliding window (every patch); ``N > 0`` = stop after
+        the first ``N`` patches (a partial window: :meth:`run` reports ``patches < patches_total`` and the
+        caller must label its network time as extrapolated)."""
+        if max_patches is not None and max_patches < 0:
+            raise ValueError(f"max_patches must be None, 0 (every patch) or a positive count, not {max_patches}")
         torch.manual_seed(seed)
         self.dev, self.cl, self.pb = device, channels_last, patch_batch
         self.net = _prepare(PlainUNet3D(), device, channels_last, dims=3)
-        self.max_patches = max_patches
+        self.max_patches = max_patches or None  # 0 -> None: every patch
 
     def _norm(self, arr: np.ndarray, spacing_ijk) -> torch.Tensor:
         k, h, w = arr.shape
@@ -300,8 +308,10 @@ class UNet3DPipeline:
         d, h, w = x.shape[-3:]
         starts = [(a, b, c) for a in window_starts(d, p, step) for b in window_starts(h, p, step) for c in window_starts(w, p, step)]
         n_total = len(starts)
-        if self.max_patches is not None:
+        if self.max_patches:
             starts = starts[: self.max_patches]
+        if not starts:  # never report a window that ran no patch
+            raise RuntimeError("3-D sliding window ran no patch")
         gauss = gaussian_importance(p, self.dev)
         acc = torch.zeros((2, d, h, w), dtype=torch.float32, device=self.dev)
         norm = torch.zeros((d, h, w), dtype=torch.float32, device=self.dev)

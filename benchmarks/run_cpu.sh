@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The CPU measurements of docs/benchmarks.md (2-core machine: ~30-60 min, longer under load):
+# The CPU measurements of the first 2026-11-23 session (docs/benchmarks.md, History), kept to
+# reproduce them.  The current same-session comparison is benchmarks/run_cpu_all.sh.
 #     bash benchmarks/run_cpu.sh OUT_DIR
-# The 3-D sliding-window peer runs 2 of its patches and is extrapolated to all of them (one 128^3
-# patch takes ~25 s on 2 cores).  Peers run channels-last on the CPU (their fastest form).
+# Here the 3-D sliding-window peer runs 2 of its patches on purpose (--max-patches-3d 2) and its rows
+# say "network_time: extrapolated, 2/48 patches"; the default (0) is the full window.  Peers run
+# channels-last on the CPU (their fastest form).
 set -u
 OUT="${1:?usage: bash benchmarks/run_cpu.sh OUT_DIR}"
 PY="${PYTHON:-python3}"
