@@ -257,6 +257,7 @@ def test_module_cmake_lists_every_python_file_and_resource():
     expected = {"Resources/Icons/LSNetSegmentation.png", "Resources/UI/LSNetSegmentation.ui",
                 "Resources/requirements.txt"} | engine_data
     expected |= {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").glob("*.term.json")}
+    expected |= {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources" / "SampleData").iterdir()}
     assert set(resources) == expected
     for r in resources:
         assert (MODULE_DIR / r).is_file(), r

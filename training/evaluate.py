@@ -57,7 +57,7 @@ log = logging.getLogger("training.evaluate")
 
 COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc",
            "dsc_sd", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
-           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "seconds", "run"]
+           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "heatmap_threshold", "mask_threshold", "seconds", "run"]
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple:
@@ -151,6 +151,7 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
     model = getattr(system, "model", None)
     box_prompt = model is not None and hasattr(model, "snet") and getattr(system, "roi_mode", "rr") == "rr"
     sp = float(cache.params.spacing)
+    mask_threshold = float(getattr(getattr(model, "config", None), "mask_threshold", 0.5))  # the engine's rule
     acc = MeanAccumulator()
     slice_dsc = []
     per_volume = {"": [], "_pp": []}  # volume_scores of every volume, before / after the volume step
@@ -184,7 +185,7 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
             with ctx:
                 out = system.predict(xt)
-            pred = out["prob"].float() > 0.5
+            pred = out["prob"].float() > mask_threshold
             s = slice_scores(pred, mt)
             acc.add("dsc", s["dsc"])
             slice_dsc.extend(v for v in s["dsc"].tolist() if not math.isnan(v))
@@ -225,13 +226,22 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
 
 
 def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Optional[list], batch_size: int,
-                 cache_dir: Optional[str], amp: bool, split: str = "val", shifts: tuple = ("clean",)) -> list:
-    """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint."""
+                 cache_dir: Optional[str], amp: bool, split: str = "val", shifts: tuple = ("clean",),
+                 thresholds: Optional[dict] = None) -> list:
+    """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint; ``thresholds`` overrides
+    the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) for a calibration sweep."""
     cfg, state, ck_name = load_run(run_dir, which)
     system = build_system(cfg)
     system.load_state_dict(state["system"])
     system.to(device)
     mc = model_config(cfg)
+    model = getattr(system, "model", None)
+    for key, value in (thresholds or {}).items():
+        if value is None:
+            continue
+        if model is None or not hasattr(model, "config"):
+            raise InputError(f"{run_dir}: {cfg['method']} has no {key} to override")
+        setattr(model.config, key, float(value))
     cache = SliceCache(Path(cache_dir or cfg["data"]["cache_dir"]), CacheParams.from_model_config(mc))
     if data_specs is not None:
         eval_cases = cases_from_specs(data_specs)
@@ -260,6 +270,8 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
             "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": int(state["epoch"]),
             "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
             "split": split if data_specs is None else "data",
+            "heatmap_threshold": getattr(getattr(model, "config", None), "heatmap_threshold", None),
+            "mask_threshold": getattr(getattr(model, "config", None), "mask_threshold", None),
         })
         rows.append(r)
     return rows
@@ -339,6 +351,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--shifts", default="clean", help="comma-separated input shifts to evaluate under: "
                     + ", ".join(f"{k} ({v})" for k, v in SHIFTS.items()) + "; 'all' = every one")
+    ap.add_argument("--heatmap-threshold", type=float, help="override the L-Net heatmap threshold (calibration sweep)")
+    ap.add_argument("--mask-threshold", type=float, help="override the S-Net mask threshold (calibration sweep)")
     ap.add_argument("--split", default="val", choices=["val", "train"],
                     help="evaluate on each run's validation patients (default) or on its training patients")
     args = ap.parse_args(argv)
@@ -355,8 +369,9 @@ def main(argv: Optional[list] = None) -> int:
             label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
             run_dir = Path(d)
             label = label or run_dir.name
+            thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold}
             for r in evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp,
-                                  args.split, shifts):
+                                  args.split, shifts, thresholds):
                 r["label"] = label
                 r["run"] = str(run_dir)
                 r["group"] = group_of(label)
