@@ -241,3 +241,27 @@ def test_demo_segments_the_sample_ct_and_says_it_is_training_data(tmp_path, caps
     assert 0.0 <= dsc <= 1.0
     assert (tmp_path / "demo" / "overview.png").stat().st_size > 10_000
     assert (tmp_path / "demo" / "segmentation.seg.nrrd").exists()
+
+
+def test_cv_summary_means_and_sds_per_shift(tmp_path):
+    from training.cv_summary import main as summary_main
+
+    rows = [
+        {"label": "cv_x_f0", "shift": "clean", "dsc": "0.5", "box_dsc": "0.8"},
+        {"label": "cv_x_f1", "shift": "clean", "dsc": "0.7", "box_dsc": "0.6"},
+        {"label": "cv_x_f0", "shift": "noise", "dsc": "0.4", "box_dsc": ""},
+        {"label": "cv_y_f0", "shift": "clean", "dsc": "0.1", "box_dsc": "0.1"},
+    ]
+    csv_path = tmp_path / "results.csv"
+    import csv
+
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["label", "shift", "dsc", "box_dsc"])
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "m.json"
+    assert summary_main([str(csv_path), "--group", "cv_x", "-o", str(out)]) == 0
+    s = json.loads(out.read_text())["cv_estimate"]["by_shift"]
+    assert s["clean"]["dsc"] == [60.0, round(100 * math.sqrt(0.02), 2), 2]
+    assert s["noise"]["dsc"] == [40.0, 0.0, 1] and "box_dsc" not in s["noise"]
+    assert summary_main([str(csv_path), "--group", "missing", "-o", str(out)]) == 2

@@ -60,6 +60,24 @@ COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "
            "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "heatmap_threshold", "mask_threshold", "seconds", "run"]
 
 
+def load_weights_as_run(weights: Path, config_path: str, fold: int) -> tuple:
+    """An exported model (``.safetensors`` + card) as a run: ``(config, state, name)`` whose data and
+    split come from ``config_path`` with ``data.fold = fold`` and whose network is the card's, so the
+    model a user ships is evaluated on the same held-out patients as the training runs."""
+    from lsnet.architectures import load_model
+
+    from .config import load_config
+
+    model, card = load_model(weights, device="cpu")
+    cfg = load_config(config_path, [f"data.fold={int(fold)}"])
+    cfg["model"] = model.config.to_dict()
+    cfg["method"] = model.config.architecture
+    system = build_system(cfg)
+    target = system.model if hasattr(system, "model") else system
+    target.load_state_dict(model.state_dict())
+    return cfg, {"system": system.state_dict(), "epoch": -1}, f"weights {card.get('sha256', '')[:8]}"
+
+
 def load_run(run_dir: Path, which: str = "best") -> tuple:
     """``(config, checkpoint state)`` of a run folder; falls back to ``last.pt`` when there is no best."""
     cfg_path = run_dir / "config.json"
@@ -229,8 +247,9 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
                  cache_dir: Optional[str], amp: bool, split: str = "val", shifts: tuple = ("clean",),
                  thresholds: Optional[dict] = None) -> list:
     """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint; ``thresholds`` overrides
-    the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) for a calibration sweep."""
-    cfg, state, ck_name = load_run(run_dir, which)
+    the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) for a calibration sweep.
+    ``run_dir`` may also be ``(weights.safetensors, config.json, fold)`` (:func:`load_weights_as_run`)."""
+    cfg, state, ck_name = load_weights_as_run(*run_dir) if isinstance(run_dir, tuple) else load_run(run_dir, which)
     system = build_system(cfg)
     system.load_state_dict(state["system"])
     system.to(device)
@@ -351,6 +370,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--shifts", default="clean", help="comma-separated input shifts to evaluate under: "
                     + ", ".join(f"{k} ({v})" for k, v in SHIFTS.items()) + "; 'all' = every one")
+    ap.add_argument("--weights-config", help="with a .safetensors among the runs: the training config whose data "
+                    "and split to evaluate it on (e.g. training/configs/bundled_cpu.json)")
+    ap.add_argument("--weights-fold", type=int, default=0, help="with a .safetensors: the held-out fold (default 0)")
     ap.add_argument("--heatmap-threshold", type=float, help="override the L-Net heatmap threshold (calibration sweep)")
     ap.add_argument("--mask-threshold", type=float, help="override the S-Net mask threshold (calibration sweep)")
     ap.add_argument("--split", default="val", choices=["val", "train"],
@@ -369,11 +391,15 @@ def main(argv: Optional[list] = None) -> int:
             label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
             run_dir = Path(d)
             label = label or run_dir.name
+            if run_dir.suffix == ".safetensors":
+                if not args.weights_config:
+                    raise InputError(f"{run_dir}: pass --weights-config (the data and split to evaluate the weights on)")
+                run_dir = (run_dir, args.weights_config, args.weights_fold)
             thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold}
             for r in evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp,
                                   args.split, shifts, thresholds):
                 r["label"] = label
-                r["run"] = str(run_dir)
+                r["run"] = str(d)
                 r["group"] = group_of(label)
                 rows.append(r)
                 log.info("%s [%s]: %s", label, r["shift"],

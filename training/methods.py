@@ -25,6 +25,7 @@ from torch import nn
 
 from lsnet.architectures import build_model
 from lsnet.config import ModelConfig
+from lsnet.errors import InputError
 from lsnet.method.decode import decode, rois_from_cells, sample_topk_keypoints
 from lsnet.method.losses import cls_loss, snet_loss
 from lsnet.method.model import LSNet
@@ -287,10 +288,10 @@ def build_system(cfg: dict) -> nn.Module:
     loss = cfg["loss"]["kind"]
     if m == "lsnet":
         if loss != "paper":
-            from lsnet.errors import InputError
-
             raise InputError("loss.kind='bce' is only available for the baselines (Table 2 ablates it on S-Net alone)")
         ls = cfg["lsnet"]
+        if ls["roi_mode"] != "rr" and mc.roi_source_factor != 1:
+            raise InputError("lsnet.roi_mode=crop (Table 2's ablation) is defined on L-Net's grid: use model.roi_source_factor=1")
         return LSNetSystem(mc, int(ls["topk"]), ls["roi_mode"], float(ls["prompt_boxes"]), tuple(ls["prompt_jitter_mm"]),
                            float(ls["prompt_shift"]))
     if m in ("unet", "fcn"):

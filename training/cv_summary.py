@@ -1,0 +1,73 @@
+"""Cross-validation figures of one run group as JSON, for a model card (``training.export --metrics``).
+
+    python -m training.cv_summary runs/cv_results/results.csv --group cv_robust --command "..." -o metrics.json
+
+Reads a ``training.evaluate`` results.csv and writes, per input shift, the mean and sample SD over the
+group's folds of slice DSC, precision, recall, box-prompt DSC, L-Net box mIoU, the false-positive
+slice rate, and the volume figures before/after the volume step, in percent, with the fold count.
+Nothing is computed here that the CSV does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from .evaluate import group_of
+
+KEYS = ("dsc", "precision", "recall", "box_dsc", "miou", "fp_slice_rate", "vol_dsc", "vol_dsc_pp",
+        "vol_fp_slice_rate", "vol_fp_slice_rate_pp")
+
+
+def summarise(rows: list, group: str) -> dict:
+    """``{shift: {key: [mean %, SD %, n]}}`` over the rows of ``group`` (SD 0 for one fold)."""
+    out: dict = {}
+    for r in rows:
+        if group_of(r["label"]) != group:
+            continue
+        shift = r.get("shift") or "clean"
+        out.setdefault(shift, {k: [] for k in KEYS})
+        for k in KEYS:
+            v = r.get(k, "")
+            if v not in ("", None):
+                out[shift][k].append(100.0 * float(v))
+    result = {}
+    for shift, values in out.items():
+        cells = {}
+        for k, v in values.items():
+            if not v:
+                continue
+            mean = sum(v) / len(v)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+            cells[k] = [round(mean, 2), round(sd, 2), len(v)]
+        result[shift] = cells
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.cv_summary", description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", type=Path, help="results.csv of training.evaluate")
+    ap.add_argument("--group", required=True, help="run group (evaluate label without the _fN suffix)")
+    ap.add_argument("--command", default="", help="the commands that made the results (kept on the card)")
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    a = ap.parse_args(argv)
+    with open(a.results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    summary = summarise(rows, a.group)
+    if not summary:
+        print(f"cv_summary: error: no rows of group {a.group!r} in {a.results}", file=sys.stderr)
+        return 2
+    a.output.write_text(json.dumps({"cv_estimate": {
+        "protocol": "patient-level 4-fold cross-validation (training/splits.py, seed 0), each fold's held-out patients; "
+                    "[mean %, SD % over folds, folds]",
+        "command": a.command, "by_shift": summary}}, indent=1) + "\n")
+    print(f"cv_summary: wrote {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
