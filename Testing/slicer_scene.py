@@ -443,6 +443,15 @@ class RealScene:
         import vtk
 
         self.scene = scene = slicer.vtkMRMLScene()
+        # cache and data IO managers, as Slicer's core application sets them (ReadFromMRB needs them)
+        cacheDir = TEMP_ROOT / "cache"
+        cacheDir.mkdir(parents=True, exist_ok=True)
+        self.cacheManager = slicer.vtkCacheManager()
+        self.cacheManager.SetRemoteCacheDirectory(cacheDir.as_posix())
+        self.dataIOManager = slicer.vtkDataIOManager()
+        self.dataIOManager.SetCacheManager(self.cacheManager)
+        scene.SetCacheManager(self.cacheManager)
+        scene.SetDataIOManager(self.dataIOManager)
         crosshair = slicer.vtkMRMLCrosshairNode()
         crosshair.SetCrosshairName("default")
         scene.AddNode(crosshair)
@@ -486,6 +495,29 @@ class RealScene:
                   "colors": self.colors}
         slicer.modules = types.SimpleNamespace(
             **{name: types.SimpleNamespace(logic=(lambda lg=lg: lg)) for name, lg in logics.items()})
+
+    def __enter__(self) -> "RealScene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Tear down in a safe order: empty the scene, then detach the logics from it.
+
+        Letting Python free two scenes' logics and nodes in arbitrary order can crash VTK (seen with
+        slicer-core 5.11 after ``ReadFromMRB``); tests call this in their teardown.
+        """
+        import slicer
+
+        self.scene.Clear(1)
+        for logic in (*self.sliceLogics.values(), self.subjectHierarchy, self.markups, self.segmentations,
+                      self.terminologies, self.volumes):
+            logic.SetMRMLScene(None)
+        self.sliceLogics.clear()
+        self.appLogic.SetMRMLScene(None)
+        if slicer.mrmlScene is self.scene:
+            slicer.mrmlScene = None
 
     def nodes(self, className: str) -> list:
         """All nodes of a class (real ``GetNodesByClass``), as a list."""
