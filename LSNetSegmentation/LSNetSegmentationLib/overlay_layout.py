@@ -17,7 +17,8 @@ HEATMAP_COLOR_NODE_IDS = (
     "vtkMRMLColorTableNodeIron",
 )
 """Heatmap colour maps in order of preference.  Inferno is read from a colour-table file, which a
-Slicer build may lack; PET-Heat and Iron are built by the colour logic itself (also dark at 0)."""
+Slicer build may lack; PET-Heat (procedural) and Iron (a colour table) are built by the colour logic
+itself, both dark at 0."""
 HEATMAP_THRESHOLD = 0.05
 """Heat below this is transparent in slice views, so the CT stays readable away from the organ."""
 

@@ -236,6 +236,7 @@ class RoiMarkups:
         self._place(node, box)
         display = node.GetDisplayNode()
         display.SetRotationHandleVisibility(False)  # boxes stay aligned with the slice grid
+        display.SetFillOpacity(0.1)  # the segment inside the box stays visible
         display.SetVisibility3D(False)
         node.SetLocked(False)
         if self.folderItem is not None:
