@@ -211,12 +211,12 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
         segmentationNode, segmentIds = results.import_segmentation(paths["seg_nrrd"], inputVolume, outputSegmentation,
                                                                    replaceExisting)
         results.move_to_folder(segmentationNode, folder)
-        previous = self.getParameterNode().heatmapVolume
         heatmapNode = None
         if paths["heatmap"].exists():
-            heatmapNode = results.load_heatmap(paths["heatmap"], inputVolume, previous)
+            heatmapNode = results.load_heatmap(paths["heatmap"], inputVolume, results.find_heatmap(inputVolume))
             results.move_to_folder(heatmapNode, folder)
             results.apply_heatmap_display(heatmapNode, inputVolume, showHeatmap, heatmapOpacity)
+            self.getParameterNode().heatmapVolume = heatmapNode  # scripts and the widget alike
         boxes = (roi_table.RoiTableModel.boxes_from_json(paths["boxes_json"].read_text(encoding="utf-8"))
                  if paths["boxes_json"].exists() else list(self.boxesSeen))
         ijkToRAS = vtk.vtkMatrix4x4()

@@ -11,6 +11,14 @@ from typing import Iterable
 
 HEATMAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 """Perceptually uniform, dark at 0: low heat fades into the CT, peaks stand out (Slicer's Inferno)."""
+HEATMAP_COLOR_NODE_IDS = (
+    HEATMAP_COLOR_NODE_ID,
+    "vtkMRMLPETProceduralColorNodePET-Heat",
+    "vtkMRMLColorTableNodeIron",
+)
+"""Heatmap colour maps in order of preference.  Inferno is read from a colour-table file, which a
+Slicer build may lack; PET-Heat (procedural) and Iron (a colour table) are built by the colour logic
+itself, both dark at 0."""
 HEATMAP_THRESHOLD = 0.05
 """Heat below this is transparent in slice views, so the CT stays readable away from the organ."""
 
@@ -50,6 +58,14 @@ def heatmap_display(show: bool, opacity: float, threshold: float = HEATMAP_THRES
         upper_threshold=1.0,
         foreground_opacity=opacity if show else 0.0,
     )
+
+
+def pick_color_node_id(exists, preferred=HEATMAP_COLOR_NODE_IDS):
+    """First colour node ID of ``preferred`` for which ``exists(id)`` is true, else None.
+
+    ``exists``: ``str -> bool`` (in Slicer: the scene has a node with that ID).
+    """
+    return next((node_id for node_id in preferred if exists(node_id)), None)
 
 
 def roi_label(box) -> str:

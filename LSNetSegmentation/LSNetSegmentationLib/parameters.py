@@ -61,6 +61,8 @@ SEGMENTATION_NODE_SUFFIX = " LSNet segmentation"
 HEATMAP_NODE_SUFFIX = " LSNet heatmap"
 ROI_NODE_PREFIX = "LSNet RoI"
 SUBJECT_HIERARCHY_FOLDER = "LSNet results"
+HEATMAP_INPUT_REFERENCE = "LSNetSegmentation.heatmapInput"
+"""Node-reference role from a heatmap volume to the CT it was computed on (one heatmap per input)."""
 BOXES_ATTRIBUTE = "LSNetSegmentation.Boxes"
 """Segmentation-node attribute holding the RoI list as JSON, so a saved scene keeps the RoIs."""
 

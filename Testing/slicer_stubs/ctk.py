@@ -1,1 +1,0 @@
-"""Stub of ``ctk`` (nothing is used at import time)."""

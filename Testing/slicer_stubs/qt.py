@@ -1,1 +1,0 @@
-"""Stub of PythonQt's ``qt`` module (nothing is used at import time)."""

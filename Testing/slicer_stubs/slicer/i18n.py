@@ -1,6 +1,0 @@
-def tr(text):
-    return text
-
-
-def translate(context, text):
-    return text

@@ -1,3 +1,0 @@
-class VTKObservationMixin:
-    def __init__(self):
-        self.Observations = []

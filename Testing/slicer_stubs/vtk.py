@@ -1,1 +1,0 @@
-"""Stub of ``vtk`` (nothing is used at import time)."""
