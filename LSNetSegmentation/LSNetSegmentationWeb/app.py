@@ -165,6 +165,9 @@ class LSNetWebApp:
         s.has_result, s.progress = True, 100
         s.status = self.session.describe()
         s.voxels = self.session.summary.get("voxels", 0)
+        for view in self.slicer_app.view_manager.get_threed_views():
+            view.reset_camera()  # the segment's surface is the 3-D view's content
+            view.schedule_render()
         self._update_slice(force=True)
 
     def _refresh_rois(self):
@@ -288,7 +291,7 @@ class LSNetWebApp:
                     v.VCombobox(v_model=("chosen_path",), items=("entries",), label="File or DICOM folder under the data root",
                                 density="compact", hide_details=True, id="path-input")
                     v.VBtn("Open", click=self.open_path, id="open-path", block=True, classes="my-2")
-                    v.VFileInput(v_model=("upload",), label="Upload a CT file (limit {{ upload_limit_mb }} MB)",
+                    v.VFileInput(v_model=("upload",), label=("`Upload a CT file (limit ${upload_limit_mb} MB)`",),
                                  density="compact", hide_details=True, id="upload", show_size=True)
                     v.VDivider(classes="my-2")
                     with html.Div(classes="d-flex"):
@@ -338,7 +341,7 @@ class LSNetWebApp:
                                v_if="is_dicom", click=f"trigger('{trig(self.download_dicom_seg)}').then({dl})")
                     html.Div("Data root: {{ data_root }}", classes="text-caption mt-4")
             with layout.content:
-                with html.Div(style="position: absolute; inset: 0;", id="views"):
+                with html.Div(style="height: calc(100vh - 90px); position: relative;", id="views"):
                     self.layout_manager.initialize_layout_grid(layout)
             self.ui = layout
 

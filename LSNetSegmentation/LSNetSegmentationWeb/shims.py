@@ -18,6 +18,10 @@ absent from slicer-core                 shim (SHIM marks each one below)
 ``slicer.mrmlScene``                    the scene of this process (one scene per ``lsnet web`` process)
 subject-hierarchy Qt plugins             a scene observer gives every new data node its subject-hierarchy
                                         item (``results.move_to_folder`` moves that item)
+colour file ``Inferno.txt``             slicer-core ships no colour-table files; a real
+                                        ``vtkMRMLColorTableNode`` with the singleton tag of that file
+                                        (so it gets Slicer's ID ``vtkMRMLColorTableNodeFileInferno.txt``),
+                                        filled from matplotlib's inferno anchor colours
 ``slicer.i18n``                         not shimmed: ``LSNetSegmentationLib.i18n`` already falls back
 =====================================  ===============================================================
 
@@ -94,6 +98,38 @@ def _add_subject_hierarchy_item(scene, _event, node) -> None:
         sh.CreateItem(sh.GetSceneItemID(), node)
 
 
+INFERNO_ANCHORS = [
+    (0.001462, 0.000466, 0.013866), (0.087411, 0.044556, 0.224813), (0.258234, 0.038571, 0.406485),
+    (0.416331, 0.090203, 0.432943), (0.578304, 0.148039, 0.404411), (0.735683, 0.215906, 0.330245),
+    (0.865006, 0.316822, 0.226055), (0.954506, 0.468744, 0.099874), (0.988362, 0.998364, 0.644924),
+]
+"""matplotlib's inferno at 0, 1/8, ..., 1 (interpolated linearly to 256 entries)."""
+
+
+def add_inferno_color_table(scene, color_logic):
+    """SHIM of Slicer's ``ColorFiles/Inferno.txt``: the table ``apply_heatmap_display`` refers to by ID."""
+    import numpy as np
+    import slicer
+
+    tag = color_logic.GetFileColorNodeSingletonTag("Inferno.txt")
+    existing = scene.GetSingletonNode(tag, "vtkMRMLColorTableNode")
+    if existing is not None:
+        return existing
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetSingletonTag(tag)
+    node.SetName("Inferno")
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    anchors = np.asarray(INFERNO_ANCHORS)
+    t = np.linspace(0.0, 1.0, len(anchors))
+    for i, x in enumerate(np.linspace(0.0, 1.0, 256)):
+        r, g, b = (np.interp(x, t, anchors[:, c]) for c in range(3))
+        node.SetColor(i, f"inferno {i}", float(r), float(g), float(b), 1.0)
+    node.SetHideFromEditors(True)
+    scene.AddNode(node)
+    return node
+
+
 def install(slicer_app) -> None:
     """Point ``slicer.mrmlScene`` / ``slicer.app`` / ``slicer.modules`` at ``slicer_app``'s real objects."""
     import slicer
@@ -107,6 +143,7 @@ def install(slicer_app) -> None:
 
         scene._lsnet_sh_observer = scene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, on_node_added)
         scene._lsnet_sh_callback = on_node_added
+    add_inferno_color_table(scene, slicer_app.app_logic.GetColorLogic())
 
     slicer.mrmlScene = slicer_app.scene
     slicer.app = _App(slicer_app)
