@@ -245,6 +245,17 @@ def test_download_seg_nrrd(browser_page, tmp_path):
     assert np.count_nonzero(seg["voxels"]) == state(page, "voxels")
 
 
+def test_cancel_leaves_the_scene_unchanged(browser_page):
+    page = browser_page
+    voxels, n = state(page, "voxels"), len(state(page, "rois"))
+    page.click("#segment")
+    wait_state(page, "s('running') === true")
+    page.click("#cancel")
+    wait_state(page, "s('running') === false")
+    assert state(page, "error").startswith("Cancelled")
+    assert (state(page, "voxels"), len(state(page, "rois"))) == (voxels, n)
+
+
 @pytest.mark.parametrize("path, words", [("../secret.nrrd", "outside the data root"),
                                          ("link_out.nrrd", "symbolic link"),
                                          ("etc_link/passwd", "symbolic link"),
