@@ -72,3 +72,26 @@ def test_lsnet_web_without_trame_slicer_is_a_one_line_error(monkeypatch, capsys)
     assert cli.main(["web", "--data-root", "."]) == cli.EXIT_USER
     err = capsys.readouterr().err.strip()
     assert err.startswith("lsnet: error: lsnet web needs trame-slicer") and "\n" not in err
+
+
+def test_only_a_non_local_host_prints_the_no_authentication_warning(monkeypatch, capsys, tmp_path):
+    from LSNetSegmentationWeb import app as webapp
+
+    started = []
+
+    class NoServer:  # stands in for the trame page: this test is about serve()'s warning only
+        def __init__(self, data_root, **_):
+            self.data_root = paths.DataRoot(data_root)
+
+        def start(self, host, port):
+            started.append((host, port))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(webapp, "LSNetWebApp", NoServer)
+    webapp.serve(tmp_path, host="0.0.0.0", port=9)
+    assert "no authentication" in capsys.readouterr().err
+    webapp.serve(tmp_path, host="127.0.0.1", port=9)
+    assert "WARNING" not in capsys.readouterr().err
+    assert started == [("0.0.0.0", 9), ("127.0.0.1", 9)]
