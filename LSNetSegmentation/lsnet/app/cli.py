@@ -1,4 +1,4 @@
-"""``lsnet`` command line: ``segment``, ``info``, ``demo``.
+"""``lsnet`` command line: ``segment``, ``info``, ``demo``, ``web``.
 
 ``lsnet segment`` takes an image file, a DICOM series folder, or -- batch mode (``lsnet.app.batch``) -- a
 folder holding several cases or a ``.csv`` case list (``--batch`` forces batch mode for a folder).
@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the raw card as JSON")
     demo = sub.add_parser("demo", help="segment the shipped sample CT (NIH PANCREAS_0001, reduced) and write an overview PNG")
     _add_run_options(demo)
+    web = sub.add_parser("web", help="serve the Slicer module's workflow as a web app (trame-slicer; pip install 'lsnet-segmentation[web]')")
+    web.add_argument("--data-root", default=".", help="the only folder whose files the page may open (default: the current folder)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything else has no authentication)")
+    web.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    web.add_argument("--upload-limit-mb", type=int, default=1024, help="largest accepted upload in MB (default 1024)")
+    web.add_argument("--device", default="cpu", help="engine device: cpu (default), cuda or auto")
     return ap
 
 
@@ -325,6 +331,17 @@ def cmd_demo(args, reporter: _Reporter) -> int:
     return EXIT_OK
 
 
+def cmd_web(args) -> int:
+    """``lsnet web``: the web app lives outside the engine (``LSNetSegmentationWeb``, needs slicer-core)."""
+    try:
+        from LSNetSegmentationWeb.app import serve  # imports slicer / trame: only here, never in the engine
+    except ImportError as exc:
+        print(f"lsnet: error: lsnet web needs trame-slicer ({exc}); install it with pip install 'lsnet-segmentation[web]'",
+              file=sys.stderr)
+        return EXIT_USER
+    return serve(args.data_root, host=args.host, port=args.port, upload_limit_mb=args.upload_limit_mb, device=args.device)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Warnings of the engine go to *this* stderr even when the caller (a test, a notebook, Slicer) has
@@ -353,6 +370,8 @@ def _main(args) -> int:
             return cmd_segment(args, reporter)
         if args.command == "demo":
             return cmd_demo(args, reporter)
+        if args.command == "web":
+            return cmd_web(args)
     except CancelledError as e:
         reporter.close()
         reporter.emit({"event": "error", "message": str(e)})

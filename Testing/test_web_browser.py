@@ -1,0 +1,277 @@
+"""``lsnet web`` in a real browser: Playwright driving headless Chromium against the app on 127.0.0.1.
+
+One app process and one browser page for the whole module (the steps build on each other: open the
+sample CT, Segment, inspect, correct, download); the app is stopped at the end.  Every request the
+page makes is intercepted: anything not to 127.0.0.1 is aborted and fails the last test.
+Screenshots go to ``$LSNET_WEB_SCREENSHOTS`` (docs/web.md uses those of a run) or a temp folder.
+
+Skips only when Chromium is absent (Debian package ``chromium``; ``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "LSNetSegmentation" / "Resources" / "SampleData" / "PANCREAS_0001_reduced.nrrd"
+CHROMIUM = os.environ.get("LSNET_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+WAIT_MS = 120_000  # upper bound of a wait for the page (not a performance check)
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("web")
+    root = base / "data"
+    root.mkdir()
+    shutil.copy(SAMPLE, root / "ct.nrrd")
+    outside = base / "secret.nrrd"
+    shutil.copy(SAMPLE, outside)
+    (root / "link_out.nrrd").symlink_to(outside)
+    (root / "etc_link").symlink_to("/etc")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    d = Path(os.environ.get("LSNET_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(data_root, tmp_path_factory):
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("log") / "server.log").open("w")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lsnet.app.cli", "web", "--data-root", str(data_root),
+                             "--port", str(port), "--upload-limit-mb", "64"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):  # bounded: up to ~2 minutes for slicer-core + trame to come up
+            if proc.poll() is not None:
+                log.flush()
+                pytest.fail(f"lsnet web exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("lsnet web did not start listening")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    from playwright.sync_api import sync_playwright
+
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 850}, accept_downloads=True)
+
+        def route(r):
+            host = urlparse(r.request.url).hostname
+            if r.request.url.startswith(("data:", "blob:")) or host == "127.0.0.1":
+                r.continue_()
+            else:
+                outside.append(r.request.url)
+                r.abort()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        page.on("websocket", lambda ws: None if urlparse(ws.url).hostname == "127.0.0.1" else outside.append(ws.url))
+        page.goto(server)
+        page.wait_for_selector("#open-sample", timeout=WAIT_MS)
+        page.outside_requests = outside
+        try:
+            yield page
+        finally:
+            context.close()
+            browser.close()
+
+
+def state(page, key):
+    return page.evaluate("(k) => window.trame.state.get(k)", key)
+
+
+def wait_state(page, expression: str):
+    page.wait_for_function(f"() => {{ const s = (k) => window.trame.state.get(k); return {expression}; }}", timeout=WAIT_MS)
+
+
+VIEW_INDEX = {"coronal": 0, "sagittal": 1, "3d": 2, "axial": 3}
+"""Order of the view images in trame-slicer's Quad View layout."""
+
+
+def view_image(page, view: str = "axial") -> np.ndarray:
+    """Pixels of one view as the browser shows it."""
+    from PIL import Image
+
+    png = page.locator("img.image-display-area").nth(VIEW_INDEX[view]).screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def axial_image(page) -> np.ndarray:
+    return view_image(page, "axial")
+
+
+def slice_views_segment_pixels(page) -> int:
+    """Segment-coloured pixels in the three slice views (the axial RoI box may cover the segment there)."""
+    return sum(segment_colour_pixels(view_image(page, v)) for v in ("coronal", "sagittal", "axial"))
+
+
+def segment_colour_pixels(img: np.ndarray) -> int:
+    """Pixels close to the pancreas colour of the terminology (outline drawn at full opacity)."""
+    from lsnet.io.terminology import lookup_structure
+
+    rgb = np.array(lookup_structure(name="Pancreas").color) * 255
+    return int(np.count_nonzero(np.abs(img - rgb).max(axis=2) < 40))
+
+
+def test_open_sample_shows_views(browser_page, shots):
+    page = browser_page
+    page.click("#open-sample")
+    wait_state(page, "s('opened') !== ''")
+    assert "PANCREAS_0001" in state(page, "opened")
+    for _ in range(50):  # bounded: until the first rendered image arrives
+        img = axial_image(page)
+        if (img.max(axis=2) > 40).mean() > 0.2:
+            break
+        page.wait_for_timeout(200)
+    assert (img.max(axis=2) > 40).mean() > 0.2, "the axial view shows no CT"
+    page.screenshot(path=str(shots / "web_open.png"))
+
+
+def test_segment_draws_segmentation(browser_page, shots):
+    page = browser_page
+    before = slice_views_segment_pixels(page)
+    page.click("#segment")
+    wait_state(page, "s('running') === true || s('has_result') === true || s('error') !== ''")
+    wait_state(page, "s('has_result') === true || s('error') !== ''")
+    assert state(page, "error") == ""
+    assert state(page, "voxels") > 1000
+    rois = state(page, "rois")
+    assert len(rois) > 5
+    middle = rois[len(rois) // 2]
+    page.locator(".roi-row").nth(len(rois) // 2).click()
+    wait_state(page, f"s('current_slice') === {middle['on_slice']} && s('selected_roi') === {middle['id']}")
+    for _ in range(50):  # bounded: until the view image shows the new slice with the segment
+        after = slice_views_segment_pixels(page)
+        if after > before + 300:
+            break
+        page.wait_for_timeout(200)
+    assert after > before + 300, f"no segmentation drawn in the slice views ({before} -> {after} pixels)"
+    page.screenshot(path=str(shots / "web_segment.png"))
+
+
+def test_heatmap_toggle(browser_page):
+    page = browser_page
+    page.locator("#show-heatmap").click()
+    wait_state(page, "s('show_heatmap') === false")
+    page.locator("#show-heatmap").click()
+    wait_state(page, "s('show_heatmap') === true")
+
+
+def test_move_box_and_resegment(browser_page, shots):
+    page = browser_page
+    rid = state(page, "selected_roi")
+    size_before = next(r["size"] for r in state(page, "rois") if r["id"] == rid)
+    page.click("#move-right")
+    page.click("#move-grow")
+    wait_state(page, f"s('rois').some(r => r.id === {rid} && r.source === 'user' && r.size !== '{size_before}')")
+    page.click("#reseg")
+    wait_state(page, "s('status').startsWith('Re-segmented') || s('error') !== ''")
+    assert state(page, "error") == ""
+    page.screenshot(path=str(shots / "web_correct.png"))
+
+
+def test_add_and_delete_box(browser_page):
+    page = browser_page
+    n = len(state(page, "rois"))
+    page.click("#add-roi")
+    wait_state(page, f"s('rois').length === {n + 1}")
+    assert state(page, "rois")[-1]["source"] == "user" or any(r["source"] == "user" for r in state(page, "rois"))
+    voxels = state(page, "voxels")
+    page.click("#delete")
+    wait_state(page, f"s('rois').length === {n} && s('status').startsWith('Deleted')")
+    assert state(page, "voxels") <= voxels
+
+
+def test_download_seg_nrrd(browser_page, tmp_path):
+    import slicerio
+
+    page = browser_page
+    with page.expect_download(timeout=WAIT_MS) as info:
+        page.click("#download-seg")
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    assert path.name.endswith(".seg.nrrd")
+    seg = slicerio.read_segmentation(str(path))
+    names = [s["name"] for s in seg["segments"]]
+    assert names == ["Pancreas"]
+    assert seg["segments"][0]["terminology"]["type"][1] == "15776009"  # SNOMED CT pancreas
+    assert np.count_nonzero(seg["voxels"]) == state(page, "voxels")
+
+
+def test_cancel_leaves_the_scene_unchanged(browser_page):
+    page = browser_page
+    voxels, n = state(page, "voxels"), len(state(page, "rois"))
+    page.click("#segment")
+    wait_state(page, "s('running') === true")
+    page.click("#cancel")
+    wait_state(page, "s('running') === false")
+    assert state(page, "error").startswith("Cancelled")
+    assert (state(page, "voxels"), len(state(page, "rois"))) == (voxels, n)
+
+
+@pytest.mark.parametrize("path, words", [("../secret.nrrd", "outside the data root"),
+                                         ("link_out.nrrd", "symbolic link"),
+                                         ("etc_link/passwd", "symbolic link"),
+                                         ("/etc/passwd", "outside the data root")])
+def test_paths_outside_the_data_root_refused(browser_page, path, words):
+    page = browser_page
+    opened = state(page, "opened")
+    field = page.locator("#path-input")
+    field.fill(path)
+    wait_state(page, f"s('chosen_path') === {path!r}")
+    page.click("#open-path")
+    wait_state(page, "s('error') !== ''")
+    assert words in state(page, "error") and "Refused" in state(page, "error")
+    assert page.locator("#error").is_visible()
+    assert state(page, "opened") == opened  # nothing else was opened
+
+
+def test_no_request_left_127_0_0_1(browser_page):
+    assert browser_page.outside_requests == []
