@@ -12,7 +12,6 @@ without ``../shared/data``) and the module's own deterministic phantom (always).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -16,20 +16,19 @@ after ``setupPythonRequirements``).  This file needs Slicer (MRML, ``slicer.util
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from . import geometry_bridge, install, parameters, process, results, roi_table
+from . import install, parameters, process, roi_table, workflow
 from .parameters import Device, ModelSource
+from .workflow import LSNetResult
 
 MODULE_DIR = Path(__file__).resolve().parent.parent
 
@@ -50,20 +49,6 @@ class LSNetSegmentationParameterNode:
     showRois: bool = parameters.DEFAULT_SHOW_ROIS
     roiCurrentSliceOnly: bool = parameters.DEFAULT_ROI_CURRENT_SLICE_ONLY
     heatmapVolume: vtkMRMLScalarVolumeNode
-
-
-@dataclass
-class LSNetResult:
-    """What one Segment run put in the scene."""
-
-    inputVolume: object
-    segmentationNode: object
-    segmentIds: list
-    heatmapNode: object
-    table: roi_table.RoiTableModel
-    canonicalizer: geometry_bridge.Canonicalizer
-    folderItem: int
-    summary: dict = field(default_factory=dict)
 
 
 class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
@@ -206,34 +191,16 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
     # --- results ----------------------------------------------------------------------------------------
     def loadResults(self, proc, inputVolume, outputSegmentation, replaceExisting: bool, showHeatmap: bool,
                     heatmapOpacity: float) -> LSNetResult:
-        paths = process.output_paths(self._outputDir / "out", proc.done_event.data.get("outputs"))
-        folder = results.results_folder(inputVolume)
-        segmentationNode, segmentIds = results.import_segmentation(paths["seg_nrrd"], inputVolume, outputSegmentation,
-                                                                   replaceExisting)
-        results.move_to_folder(segmentationNode, folder)
-        heatmapNode = None
-        if paths["heatmap"].exists():
-            heatmapNode = results.load_heatmap(paths["heatmap"], inputVolume, results.find_heatmap(inputVolume))
-            results.move_to_folder(heatmapNode, folder)
-            results.apply_heatmap_display(heatmapNode, inputVolume, showHeatmap, heatmapOpacity)
-            self.getParameterNode().heatmapVolume = heatmapNode  # scripts and the widget alike
-        boxes = (roi_table.RoiTableModel.boxes_from_json(paths["boxes_json"].read_text(encoding="utf-8"))
-                 if paths["boxes_json"].exists() else list(self.boxesSeen))
-        ijkToRAS = vtk.vtkMatrix4x4()
-        inputVolume.GetIJKToRASMatrix(ijkToRAS)
-        canonicalizer = geometry_bridge.Canonicalizer(slicer.util.arrayFromVTKMatrix(ijkToRAS),
-                                                      slicer.util.arrayFromVolume(inputVolume).shape)
-        table = roi_table.RoiTableModel(boxes, pixel_spacing=canonicalizer.spacing[:2])
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentIds[0], inputVolume) if segmentIds else None
-        result = LSNetResult(inputVolume, segmentationNode, segmentIds, heatmapNode, table, canonicalizer, folder,
-                             results.segment_mask_summary(mask) if mask is not None else {})
-        self.storeBoxes(result)
+        result = workflow.load_results(self._outputDir / "out", proc.done_event.data.get("outputs"), inputVolume,
+                                       outputSegmentation, replaceExisting, showHeatmap, heatmapOpacity, self.boxesSeen)
+        if result.heatmapNode is not None:
+            self.getParameterNode().heatmapVolume = result.heatmapNode  # scripts and the widget alike
         return result
 
     @staticmethod
     def storeBoxes(result: LSNetResult) -> None:
         """Keep the RoI list with the segmentation (saved with the scene)."""
-        result.segmentationNode.SetAttribute(parameters.BOXES_ATTRIBUTE, result.table.to_json())
+        workflow.store_boxes(result)
 
     # --- interactive correction (in-process S-Net; imports torch) -------------------------------------------
     def _getSegmenter(self, weights, device: str):
@@ -247,26 +214,12 @@ class LSNetSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def resegmentBoxes(self, result: LSNetResult, boxes, weights=None, device: str = "auto") -> int:
         """Run S-Net inside each box (one canonical slice each) and replace the mask there; returns changed voxels."""
-        segmenter = self._getSegmenter(weights, device)
-        inputVolume = result.inputVolume
-        volume = geometry_bridge.volume_from_slicer(slicer.util.arrayFromVolume(inputVolume),
-                                                    result.canonicalizer.input_ijk_to_ras)
-        segmentId = result.segmentIds[0]
-        mask, canonical = results.canonical_mask(result.segmentationNode, segmentId, inputVolume, result.canonicalizer)
-        changed = 0
-        for box in boxes:
-            sliceMask, _probability = segmenter.segment_box(volume, box.slice_index, box)
-            changed += geometry_bridge.paste_box_mask(canonical[box.slice_index], box, sliceMask)
-        results.write_mask(mask, result.segmentationNode, segmentId, inputVolume)
-        return changed
+        return workflow.resegment_boxes(result, self._getSegmenter(weights, device), boxes)
 
-    def deleteBoxMask(self, result: LSNetResult, box) -> int:
+    @staticmethod
+    def deleteBoxMask(result: LSNetResult, box) -> int:
         """Erase the segment inside a box on its slice; returns erased voxels."""
-        segmentId = result.segmentIds[0]
-        mask, canonical = results.canonical_mask(result.segmentationNode, segmentId, result.inputVolume, result.canonicalizer)
-        changed = geometry_bridge.paste_box_mask(canonical[box.slice_index], box, None)
-        results.write_mask(mask, result.segmentationNode, segmentId, result.inputVolume)
-        return changed
+        return workflow.delete_box_mask(result, box)
 
     @staticmethod
     def openSegmentEditor(result: LSNetResult) -> None:

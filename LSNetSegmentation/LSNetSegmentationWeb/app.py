@@ -15,7 +15,6 @@ import asyncio
 import logging
 import sys
 import traceback
-from pathlib import Path
 from typing import Optional
 
 from lsnet.errors import LSNetError
@@ -197,7 +196,6 @@ class LSNetWebApp:
         def do():
             row_id_i = int(row_id)
             ras = self.session.jump_target(row_id_i)
-            import slicer
 
             for view in self.slicer_app.view_manager.get_slice_views():
                 view.get_view_node().JumpSliceByCentering(*ras)

@@ -1,15 +1,14 @@
 """One user's LSNet session on a real slicer-core scene (no trame here; ``app`` is the page).
 
-The MRML side is the Slicer module's own code, called the way ``LSNetSegmentationLib.logic`` calls it:
+The MRML side is the Slicer module's own code: the same ``LSNetSegmentationLib.workflow`` functions
+that ``LSNetSegmentationLib.logic`` calls, so the two front ends cannot drift apart:
 
 * Segment: ``process.build_segment_command`` / ``child_environment`` / ``SegmentationProcess`` (the
   engine CLI ``lsnet segment --progress-json`` in a child process, polled, cancellable);
-* results: ``results.results_folder``, ``import_segmentation`` (segment with SNOMED CT terminology),
-  ``load_heatmap`` + ``apply_heatmap_display``, ``RoiMarkups`` (one ROI node per box, shown per slice),
-  ``roi_table.RoiTableModel`` (the RoI list), ``geometry_bridge.Canonicalizer``;
-* correction: ``RoiMarkups.box_from_node`` (the box as drawn), ``lsnet.api.load_segmenter`` ->
-  ``segment_box``, ``geometry_bridge.paste_box_mask``, ``results.canonical_mask`` / ``write_mask``
-  (the steps of ``LSNetSegmentationLogic.resegmentBoxes`` / ``deleteBoxMask``).
+* results: ``workflow.load_results`` (segmentation with SNOMED CT terminology, heatmap and its display,
+  the results folder, the RoI table), then ``results.RoiMarkups`` (one ROI node per box, per slice);
+* correction: ``RoiMarkups.box_from_node`` (the box as drawn), ``workflow.resegment_boxes`` with
+  ``lsnet.api.load_segmenter`` (S-Net in this process), ``workflow.delete_box_mask``.
 
 What is web-specific: where files come from (``paths.DataRoot``, uploads, the sample CT), the
 per-session working folder, and export of the segmentation node as bytes for a download.
@@ -28,8 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-from LSNetSegmentationLib import geometry_bridge, parameters, process, results, roi_table
-from lsnet.errors import InputError, LSNetError
+from LSNetSegmentationLib import geometry_bridge, parameters, process, results, roi_table, workflow
+from lsnet.errors import LSNetError
 
 from . import paths, shims
 
@@ -175,44 +174,30 @@ class WebSession:
         return process.explain_failure(proc.error_message(), self.batch_size, self.device).message
 
     def load_results(self) -> dict:
-        """Put a finished run's outputs into the scene (the steps of ``LSNetSegmentationLogic.loadResults``)."""
-        import slicer
-
+        """Put a finished run's outputs into the scene (``workflow.load_results``, as the desktop logic)."""
         proc = self.proc
         if proc is None or not proc.succeeded:
             raise SessionError(self.failure_message() or "The segmentation did not finish.")
         self.last_run_seconds = time.monotonic() - self.run_started
         self.done_outputs = dict(proc.done_event.data.get("outputs") or {})
-        out = process.output_paths(self.run_dir, self.done_outputs)
         self.clear_results()
-        volume = self.volume_node
-        self.folder_item = results.results_folder(volume)
-        self.segmentation_node, self.segment_ids = results.import_segmentation(out["seg_nrrd"], volume, None, False)
-        self._ensure_sh_item(self.segmentation_node)
-        results.move_to_folder(self.segmentation_node, self.folder_item)
-        if out["heatmap"].exists():
-            self.heatmap_node = results.load_heatmap(out["heatmap"], volume, None)
-            self._ensure_sh_item(self.heatmap_node)
-            results.move_to_folder(self.heatmap_node, self.folder_item)
-            self.apply_heatmap(True, parameters.DEFAULT_HEATMAP_OPACITY)
-        boxes = (roi_table.RoiTableModel.boxes_from_json(out["boxes_json"].read_text(encoding="utf-8"))
-                 if out["boxes_json"].exists() else [])
-        self.table = roi_table.RoiTableModel(boxes, pixel_spacing=self.canonicalizer.spacing[:2])
+        res = workflow.load_results(self.run_dir, self.done_outputs, self.volume_node, None, False, True,
+                                    parameters.DEFAULT_HEATMAP_OPACITY)
+        self.folder_item, self.segmentation_node, self.segment_ids = res.folderItem, res.segmentationNode, res.segmentIds
+        self.heatmap_node, self.table, self.summary = res.heatmapNode, res.table, res.summary
         self.markups = results.RoiMarkups(self.table, self.canonicalizer, self.folder_item)
-        self.store_boxes()
-        self.summary = self.mask_summary()
         return self.summary
 
+    def _as_result(self) -> workflow.LSNetResult:
+        """This session's results as the desktop logic holds them (for the shared ``workflow`` functions)."""
+        return workflow.LSNetResult(self.volume_node, self.segmentation_node, self.segment_ids, self.heatmap_node,
+                                    self.table, self.canonicalizer, self.folder_item, self.summary)
+
     def store_boxes(self) -> None:
-        self.segmentation_node.SetAttribute(parameters.BOXES_ATTRIBUTE, self.table.to_json())
+        workflow.store_boxes(self._as_result())
 
     def mask_summary(self) -> dict:
-        import slicer
-
-        if not self.segment_ids:
-            return {"voxels": 0, "slices": 0}
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(self.segmentation_node, self.segment_ids[0], self.volume_node)
-        return results.segment_mask_summary(mask if mask is not None else np.zeros((1, 1)))
+        return workflow.mask_summary(self._as_result()) or {"voxels": 0, "slices": 0}
 
     def describe(self) -> str:
         n = len(self.table) if self.table is not None else 0
@@ -313,19 +298,8 @@ class WebSession:
         K = self.canonicalizer.shape[0]
         if not (0 <= lo <= hi < K):
             raise SessionError(f"Slice range {lo}..{hi} is outside the volume (0..{K - 1}).")
-        import slicer
-
-        segmenter = self._get_segmenter()
-        volume = geometry_bridge.volume_from_slicer(slicer.util.arrayFromVolume(self.volume_node),
-                                                    self.canonicalizer.input_ijk_to_ras)
-        sid = self.segment_ids[0]
-        mask, canonical = results.canonical_mask(self.segmentation_node, sid, self.volume_node, self.canonicalizer)
-        changed = 0
-        for k in range(lo, hi + 1):
-            b = roi_table.with_slice(box, k)
-            slice_mask, _prob = segmenter.segment_box(volume, k, b)
-            changed += geometry_bridge.paste_box_mask(canonical[k], b, slice_mask)
-        results.write_mask(mask, self.segmentation_node, sid, self.volume_node)
+        boxes = [roi_table.with_slice(box, k) for k in range(lo, hi + 1)]
+        changed = workflow.resegment_boxes(self._as_result(), self._get_segmenter(), boxes)
         self.summary = self.mask_summary()
         return changed
 
@@ -333,10 +307,7 @@ class WebSession:
         """Erase the segment inside a (false) box on its slice and remove the box; returns erased voxels."""
         self._require_results()
         box = self.current_box(row_id)
-        sid = self.segment_ids[0]
-        mask, canonical = results.canonical_mask(self.segmentation_node, sid, self.volume_node, self.canonicalizer)
-        changed = geometry_bridge.paste_box_mask(canonical[box.slice_index], box, None)
-        results.write_mask(mask, self.segmentation_node, sid, self.volume_node)
+        changed = workflow.delete_box_mask(self._as_result(), box)
         self.markups.remove(row_id)
         self.table.remove(row_id)
         self.store_boxes()

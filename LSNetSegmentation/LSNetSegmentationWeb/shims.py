@@ -89,7 +89,6 @@ class _App:
 
 def _add_subject_hierarchy_item(scene, _event, node) -> None:
     """SHIM of the subject-hierarchy plugins: a data node gets an item under the scene when added."""
-    import slicer
 
     if node is None or not node.IsA("vtkMRMLDisplayableNode") or node.GetHideFromEditors():
         return
