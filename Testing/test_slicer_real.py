@@ -182,7 +182,7 @@ def test_module_full_self_test_on_real_scene(real_scene):
     import LSNetSegmentationModuleTest
 
     LSNetSegmentationModuleTest.LSNetSegmentationModuleTest().runTest()
-    assert real_scene.node_names("vtkMRMLScalarVolumeNode") == ["LSNet phantom CT", "LSNet phantom CT LSNet heatmap"]
+    assert real_scene.node_names("vtkMRMLScalarVolumeNode") == ["LSNet sample CT", "LSNet sample CT LSNet heatmap"]
 
 
 # =====================================================================================================

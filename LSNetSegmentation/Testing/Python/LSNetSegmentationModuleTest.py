@@ -4,11 +4,13 @@
         import sys; sys.path.append("/path/to/LSNetSegmentation/LSNetSegmentation/Testing/Python")
         import LSNetSegmentationModuleTest; LSNetSegmentationModuleTest.LSNetSegmentationModuleTest().runTest()
 
-It generates a synthetic abdominal CT (``lsnet.samples.phantom``, deterministic) in an oblique-free but
-non-LPS array order, segments it with the bundled model through the child process, checks the
-segmentation node (name, terminology, colour, geometry), the RoI table and markups, the heatmap
-display, then moves a RoI, re-segments it, adds one, deletes one and checks the mask changed only
-inside the boxes.  To test on your own CT instead, load it and call ``test_SegmentLoadedVolume``.
+It loads the module's sample CT (NIH Pancreas-CT PANCREAS_0001, reduced, shipped in
+``Resources/SampleData``; stored with direction diag(1, -1, -1), not the canonical order), segments it
+with the bundled model through the child process, checks the segmentation node (name, terminology,
+colour, geometry, overlap with the manual label), the RoI table and markups, the heatmap display,
+then moves a RoI, re-segments it, adds one, deletes one and checks the mask changed only inside the
+boxes.  ``_phantomVolume`` (a synthetic CT, deterministic) serves quicker checks.  To test on your own
+CT instead, load it and call ``test_SegmentLoadedVolume``.
 """
 
 import numpy as np
@@ -23,7 +25,7 @@ class LSNetSegmentationModuleTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_SegmentPhantomInspectCorrect()
+        self.test_SegmentSampleInspectCorrect()
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _phantomVolume(self):
@@ -42,19 +44,27 @@ class LSNetSegmentationModuleTest(ScriptedLoadableModuleTest):
         volume = slicer.util.addVolumeFromArray(array, ijkToRAS, "LSNet phantom CT")
         return volume, label
 
+    def _sampleVolume(self):
+        """The shipped sample CT and its manual label (array order of the file)."""
+        from lsnet.samples.sample_ct import load_sample_ct
+
+        image, label = load_sample_ct()
+        volume = slicer.util.addVolumeFromArray(np.ascontiguousarray(image.array), image.ijk_to_ras(), "LSNet sample CT")
+        return volume, np.asarray(label.array)
+
     def _ijkToRAS(self, volume):
         m = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(m)
         return slicer.util.arrayFromVTKMatrix(m)
 
     # --- tests ----------------------------------------------------------------------------------------------
-    def test_SegmentPhantomInspectCorrect(self):
+    def test_SegmentSampleInspectCorrect(self):
         from LSNetSegmentation import LSNetSegmentationLogic
         from LSNetSegmentationLib import geometry_bridge, overlay_layout, results
         from LSNetSegmentationLib.parameters import BOXES_ATTRIBUTE
 
-        self.delayDisplay("Generating a phantom CT")
-        volume, label = self._phantomVolume()
+        self.delayDisplay("Loading the sample CT")
+        volume, label = self._sampleVolume()
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
         logic = LSNetSegmentationLogic()
         logic.setupPythonRequirements(ask=True)
@@ -74,9 +84,11 @@ class LSNetSegmentationModuleTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(segment.GetColor(), (249 / 255, 180 / 255, 111 / 255), atol=1e-3)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segNode, result.segmentIds[0], volume)
         self.assertEqual(mask.shape, label.shape)
-        self.assertGreater(int(mask.sum()), 0, "the model found nothing in the phantom")
+        self.assertGreater(int(mask.sum()), 0, "the model found nothing in the sample CT")
         dice = 2.0 * np.logical_and(mask > 0, label > 0).sum() / max(1, (mask > 0).sum() + (label > 0).sum())
-        self.delayDisplay(f"Dice against the phantom label: {dice:.3f}")
+        # this patient is in the bundled model's training data: a low overlap means a broken pipeline
+        self.assertGreater(dice, 0.3, f"Dice against the sample's manual label is {dice:.3f}")
+        self.delayDisplay(f"Dice against the manual label: {dice:.3f} (a training patient: pipeline check, not accuracy)")
 
         # RoIs: table, stored with the scene, markups created lazily on the viewed slice only
         table = result.table
