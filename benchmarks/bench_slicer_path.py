@@ -57,14 +57,30 @@ def _vm_hwm_mb(pid: int):
     return None
 
 
+_SCENE = None  # keeps the real-scene helper alive for the whole benchmark
+
+
 def slicer_scene_or_reason():
-    """``(logic_class, None)`` when the Slicer module's logic can run against a real scene, else ``(None, why)``."""
+    """``(logic_class, None)`` when the Slicer module's logic can run against a real scene, else ``(None, why)``.
+
+    Inside Slicer the application's scene is used; elsewhere a real slicer-core scene is built with the
+    test suite's helper (``Testing/slicer_scene.py``: real MRML and module logics, shims for Qt only)."""
+    global _SCENE
     try:
         import slicer  # noqa: F401
     except ImportError as e:
         return None, f"`import slicer` failed ({e})"
     if getattr(slicer, "mrmlScene", None) is None:
-        return None, "slicer imported but has no mrmlScene (no scene helper)"
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
+        try:
+            import slicer_scene
+
+            why = slicer_scene.import_error()
+            if why:
+                return None, why
+            _SCENE = slicer_scene.RealScene()
+        except Exception as e:  # noqa: BLE001 - any failure means: no import stage, said in the row
+            return None, f"no real scene could be built ({type(e).__name__}: {e})"
     try:
         from LSNetSegmentationLib.logic import LSNetSegmentationLogic
     except Exception as e:  # noqa: BLE001 - any failure means: no import stage
