@@ -65,7 +65,7 @@ def export(run: Path, out: Path, which: str = "best", name: str | None = None, d
         "training": {"method": cfg["method"], "train": cfg["train"], "lsnet": cfg.get("lsnet"), "augment": cfg.get("augment"),
                      "crop": cfg["data"]["crop"], "checkpoint": ckpt.name, "epochs_done": len(state.get("history", []))},
         "metrics": metrics,
-        "preprocessing": "canonical axial slices, HU window -> [0, 1], in-plane resampling to config.spacing mm (lsnet/preprocess.py)",
+        "preprocessing": "canonical axial slices, HU window -> [0, 1], in-plane resampling to config.spacing / config.roi_source_factor mm, L-Net on that canvas average-pooled by roi_source_factor (lsnet/pipeline/preprocess.py, lsnet/pipeline/inference.py)",
         "exported": time.strftime("%Y-%m-%d"),
     }
     system.model.eval()
