@@ -161,6 +161,25 @@ def gaussian_blur(images: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
     return y.view(b, c, h, w)
 
 
+def coarser_pixels(images: torch.Tensor, pixel_mm: float, mm) -> torch.Tensor:
+    """``(N, C, H, W)`` with ``pixel_mm`` mm pixels as if acquired at ``mm`` mm pixels: down-sampled
+    (antialiased) and up-sampled back, bilinear; unchanged unless ``mm`` is coarser (``pixel_mm / mm < 0.95``)."""
+    f = float(pixel_mm / mm)
+    if f >= 0.95:
+        return images
+    h, w = images.shape[-2:]
+    small = F.interpolate(images, size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
+                          align_corners=False, antialias=True)
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def unit_correlated_noise(white: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """White noise ``(B, C, H, W)`` blurred by ``sigma_px`` (CT noise is spatially correlated) and scaled
+    to unit standard deviation per sample."""
+    n = gaussian_blur(white, torch.full((white.shape[0],), float(sigma_px), device=white.device))
+    return n / n.flatten(1).std(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+
+
 def _chosen(b: int, p: float, device, generator) -> torch.Tensor:
     return torch.rand(b, device=device, generator=generator) < p
 
@@ -176,17 +195,8 @@ def domain_shift(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, 
     if cfg.p_resolution > 0:
         pick = _chosen(b, cfg.p_resolution, dev, generator)
         mm = torch.exp(_uniform(b, math.log(cfg.resolution_mm[0]), math.log(cfg.resolution_mm[1]), dev, generator))
-        rows = []
-        for i in range(b):
-            f = float(pixel_mm / mm[i])
-            if bool(pick[i]) and f < 0.95:  # coarser than our grid: the detail is lost
-                h, w = out.shape[-2:]
-                small = F.interpolate(out[i : i + 1], size=(max(1, round(h * f)), max(1, round(w * f))),
-                                      mode="bilinear", align_corners=False, antialias=True)
-                rows.append(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False))
-            else:
-                rows.append(out[i : i + 1])
-        out = torch.cat(rows)
+        out = torch.cat([coarser_pixels(out[i : i + 1], pixel_mm, mm[i]) if bool(pick[i]) else out[i : i + 1]
+                         for i in range(b)])
     if cfg.p_blur > 0:
         pick = _chosen(b, cfg.p_blur, dev, generator)
         sigma = _uniform(b, cfg.blur_mm[0], cfg.blur_mm[1], dev, generator) / pixel_mm
@@ -199,9 +209,7 @@ def domain_shift(images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, 
     if cfg.p_ct_noise > 0:
         pick = _chosen(b, cfg.p_ct_noise, dev, generator).float()
         sd = _uniform(b, cfg.ct_noise_hu[0], cfg.ct_noise_hu[1], dev, generator) / hu
-        n = torch.randn(out.shape, device=dev, generator=generator, dtype=out.dtype)
-        n = gaussian_blur(n, torch.full((b,), 0.7, device=dev))  # CT noise is correlated over ~1 px
-        n = n / n.flatten(1).std(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        n = unit_correlated_noise(torch.randn(out.shape, device=dev, generator=generator, dtype=out.dtype), 0.7)
         out = out + (pick * sd).view(-1, 1, 1, 1) * n
     if cfg.p_window > 0:
         pick = _chosen(b, cfg.p_window, dev, generator)

@@ -130,8 +130,7 @@ class CacheParams:
     def from_model_config(cls, mc) -> "CacheParams":
         """The canvas the network input is cut from: L-Net's, or with ``mc.roi_source_factor = f`` the
         ``f`` times finer RoI-source canvas (as ``lsnet.pipeline.inference.Segmenter._grid``)."""
-        f = int(getattr(mc, "roi_source_factor", 1))
-        return cls(tuple(float(v) for v in mc.window), float(mc.spacing) / f, int(mc.pad_multiple) * f)
+        return cls(tuple(float(v) for v in mc.window), float(mc.roi_source_spacing), int(mc.pad_multiple) * int(mc.roi_source_factor))
 
 
 def tight_box(mask: np.ndarray) -> Optional[list]:

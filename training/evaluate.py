@@ -45,6 +45,7 @@ import torch
 
 from lsnet.errors import InputError, LSNetError
 
+from .augment import coarser_pixels, unit_correlated_noise
 from .cache import IMAGE_SCALE, CacheParams, SliceCache
 from .config import model_config
 from .datasets import cases_from_specs
@@ -108,34 +109,21 @@ SHIFTS = {
 def apply_shift(x: torch.Tensor, shift: str, pixel_mm: float, seed: int, hu_per_unit: float = 255.0) -> torch.Tensor:
     """``x`` ``(B, C, H, W)`` windowed canvas slices in [0, 1] (``pixel_mm`` mm pixels) under ``shift``
     (:data:`SHIFTS`; ``thick5mm`` is done on the volume before this call).  Deterministic for a ``seed``."""
-    from .augment import gaussian_blur
-
-    def coarser(a: torch.Tensor, mm: float) -> torch.Tensor:
-        f = pixel_mm / mm
-        if f >= 0.95:
-            return a
-        h, w = a.shape[-2:]
-        small = torch.nn.functional.interpolate(a, size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
-                                                align_corners=False, antialias=True)
-        return torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-
     def noisy(a: torch.Tensor, sd_hu: float) -> torch.Tensor:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        n = torch.randn(a.shape, generator=g).to(a.device, a.dtype)
-        n = gaussian_blur(n, torch.full((a.shape[0],), 0.7 * 1.0 / pixel_mm, device=a.device).clamp(min=0.35))
-        n = n / n.flatten(1).std(1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        white = torch.randn(a.shape, generator=torch.Generator(device="cpu").manual_seed(seed)).to(a.device, a.dtype)
+        n = unit_correlated_noise(white, max(0.35, 0.7 / pixel_mm))
         return (a + (sd_hu / hu_per_unit) * n).clamp(0.0, 1.0)
 
     if shift in ("clean", "thick5mm"):
         return x
     if shift == "res2mm":
-        return coarser(x, 2.0)
+        return coarser_pixels(x, pixel_mm, 2.0)
     if shift == "res3mm":
-        return coarser(x, 3.0)
+        return coarser_pixels(x, pixel_mm, 3.0)
     if shift == "noise":
         return noisy(x, 25.0)
     if shift == "lowdose3mm":
-        return noisy(coarser(x, 3.0), 25.0)
+        return noisy(coarser_pixels(x, pixel_mm, 3.0), 25.0)
     if shift == "window":
         return (x * 1.1 - 20.0 / hu_per_unit).clamp(0.0, 1.0)
     raise InputError(f"unknown shift {shift!r}; known: {', '.join(SHIFTS)}")
@@ -183,15 +171,15 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
         thick = 0
         if shift == "thick5mm" and contiguous:
             thick = max(0, int(round(2.0 / (meta["spacing"][2] or 1.0))))
+
+        def plane(k: int) -> np.ndarray:  # slice k, or the mean over +-thick slices (the thick5mm shift)
+            if not thick:
+                return np.asarray(img[k], np.float32)
+            lo, hi = max(0, k - thick), min(K, k + thick + 1)
+            return np.asarray(img[lo:hi], np.float32).mean(0)
+
         for k0 in range(0, K, batch_size):
             ks = list(range(k0, min(K, k0 + batch_size)))
-
-            def plane(k: int) -> np.ndarray:
-                if not thick:
-                    return np.asarray(img[k], np.float32)
-                lo, hi = max(0, k - thick), min(K, k + thick + 1)
-                return np.asarray(img[lo:hi], np.float32).mean(0)
-
             if in_ch == 1:
                 x = np.stack([plane(k) for k in ks])[:, None]
             else:
@@ -218,7 +206,7 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             if box_prompt and bool(s["gt_any"].any()):
                 boxes, bidx = prompt_boxes_of(mt, BOX_PROMPT_GROW_MM / sp)
                 with ctx:
-                    pb = box_prompt_predict(model, xt, boxes, bidx) > model.config.mask_threshold
+                    pb = box_prompt_predict(model, xt, boxes, bidx) > mask_threshold
                 acc.add("box_dsc", slice_scores(pb, mt)["dsc"])
             if pred_vol is not None:
                 pred_vol[k0 : ks[-1] + 1] = pred.cpu().numpy()

@@ -115,9 +115,8 @@ class LSNetSystem(nn.Module):
             if self.roi_mode == "rr":
                 prompts = None
                 if self.prompt_boxes > 0 and self.training:
-                    c = self.config
                     prompts = jittered_prompt_boxes(masks, self.prompt_boxes, self.prompt_jitter_mm, self.prompt_shift,
-                                                    c.spacing / c.roi_source_factor)
+                                                    self.config.roi_source_spacing)
                 return self.model.snet_losses(images, masks, gamma=gamma, topk=self.topk, prompt_boxes=prompts)
             return self._snet_crop(images, masks)
         if mode == "predict":

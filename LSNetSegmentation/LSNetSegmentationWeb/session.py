@@ -69,18 +69,13 @@ class WebSession:
         self.device, self.batch_size = device, batch_size
         self.opened: Optional[Opened] = None
         self.volume_node = None
-        self.segmentation_node = None
-        self.segment_ids: list = []
-        self.heatmap_node = None
-        self.table: Optional[roi_table.RoiTableModel] = None
+        self.result: Optional[workflow.LSNetResult] = None  # what the last Segment put in the scene
         self.canonicalizer: Optional[geometry_bridge.Canonicalizer] = None
         self.markups: Optional[results.RoiMarkups] = None
-        self.folder_item: Optional[int] = None
         self.proc: Optional[process.SegmentationProcess] = None
         self.run_dir: Optional[Path] = None
         self.run_started: Optional[float] = None
         self.last_run_seconds: Optional[float] = None
-        self.summary: dict = {}
         self.done_outputs: dict = {}
         self._segmenter = None
         self._runs = 0
@@ -181,23 +176,37 @@ class WebSession:
         self.last_run_seconds = time.monotonic() - self.run_started
         self.done_outputs = dict(proc.done_event.data.get("outputs") or {})
         self.clear_results()
-        res = workflow.load_results(self.run_dir, self.done_outputs, self.volume_node, None, False, True,
-                                    parameters.DEFAULT_HEATMAP_OPACITY)
-        self.folder_item, self.segmentation_node, self.segment_ids = res.folderItem, res.segmentationNode, res.segmentIds
-        self.heatmap_node, self.table, self.summary = res.heatmapNode, res.table, res.summary
-        self.markups = results.RoiMarkups(self.table, self.canonicalizer, self.folder_item)
+        self.result = workflow.load_results(self.run_dir, self.done_outputs, self.volume_node, None, False, True,
+                                            parameters.DEFAULT_HEATMAP_OPACITY)
+        self.markups = results.RoiMarkups(self.table, self.canonicalizer, self.result.folderItem)
         return self.summary
 
-    def _as_result(self) -> workflow.LSNetResult:
-        """This session's results as the desktop logic holds them (for the shared ``workflow`` functions)."""
-        return workflow.LSNetResult(self.volume_node, self.segmentation_node, self.segment_ids, self.heatmap_node,
-                                    self.table, self.canonicalizer, self.folder_item, self.summary)
+    # the parts of ``self.result`` the page reads (None / empty before the first Segment)
+    @property
+    def segmentation_node(self):
+        return self.result.segmentationNode if self.result else None
+
+    @property
+    def segment_ids(self) -> list:
+        return self.result.segmentIds if self.result else []
+
+    @property
+    def heatmap_node(self):
+        return self.result.heatmapNode if self.result else None
+
+    @property
+    def table(self) -> Optional[roi_table.RoiTableModel]:
+        return self.result.table if self.result else None
+
+    @property
+    def summary(self) -> dict:
+        return self.result.summary if self.result else {}
 
     def store_boxes(self) -> None:
-        workflow.store_boxes(self._as_result())
+        workflow.store_boxes(self.result)
 
-    def mask_summary(self) -> dict:
-        return workflow.mask_summary(self._as_result()) or {"voxels": 0, "slices": 0}
+    def _update_summary(self) -> None:
+        self.result.summary = workflow.mask_summary(self.result) or {"voxels": 0, "slices": 0}
 
     def describe(self) -> str:
         n = len(self.table) if self.table is not None else 0
@@ -209,8 +218,7 @@ class WebSession:
         for node in (self.segmentation_node, self.heatmap_node):
             if node is not None and node.GetScene() is not None:
                 self.scene.RemoveNode(node)
-        self.segmentation_node, self.heatmap_node, self.segment_ids = None, None, []
-        self.table, self.markups, self.summary = None, None, {}
+        self.result, self.markups = None, None
 
     # --- display ----------------------------------------------------------------------------------------
     def apply_heatmap(self, show: bool, opacity: float) -> None:
@@ -299,19 +307,19 @@ class WebSession:
         if not (0 <= lo <= hi < K):
             raise SessionError(f"Slice range {lo}..{hi} is outside the volume (0..{K - 1}).")
         boxes = [roi_table.with_slice(box, k) for k in range(lo, hi + 1)]
-        changed = workflow.resegment_boxes(self._as_result(), self._get_segmenter(), boxes)
-        self.summary = self.mask_summary()
+        changed = workflow.resegment_boxes(self.result, self._get_segmenter(), boxes)
+        self._update_summary()
         return changed
 
     def delete_box(self, row_id: int) -> int:
         """Erase the segment inside a (false) box on its slice and remove the box; returns erased voxels."""
         self._require_results()
         box = self.current_box(row_id)
-        changed = workflow.delete_box_mask(self._as_result(), box)
+        changed = workflow.delete_box_mask(self.result, box)
         self.markups.remove(row_id)
         self.table.remove(row_id)
         self.store_boxes()
-        self.summary = self.mask_summary()
+        self._update_summary()
         return changed
 
     # --- export -----------------------------------------------------------------------------------------

@@ -77,6 +77,12 @@ class ModelConfig:
     """Architecture-specific options of the other seed systems (``rstn``, ``dsms_unet``, ``rpn_fcn``);
     keys and defaults are documented in each module (``*_DEFAULTS``); empty for ``lsnet``."""
 
+    @property
+    def roi_source_spacing(self) -> float:
+        """Pixel size (mm) of the canvas RR samples from and the network input is cut from:
+        ``spacing / roi_source_factor`` (= ``spacing``, L-Net's own grid, for the paper's factor 1)."""
+        return self.spacing / self.roi_source_factor
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["window"] = list(self.window)

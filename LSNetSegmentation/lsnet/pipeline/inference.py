@@ -104,13 +104,22 @@ def lsnet_predict(model, x: torch.Tensor, out_hw=None, scale=(1.0, 1.0), autocas
     if not len(rois):
         return torch.zeros(b, *out_hw, device=x.device), heat, rois
     theta = theta_from_box(rois.keypoints, rois.ltrb, tuple(small.shape[-2:]), c.alpha)
-    roi = recalibrate(x[rois.batch], theta, (c.roi_size, c.roi_size))
+    prob = snet_on_rois(model, x, theta, rois.batch, out_hw, scale, autocast)
+    if f != 1:
+        rois = replace(rois, boxes=rois.boxes * f)
+    return prob, heat, rois
+
+
+def snet_on_rois(model, x: torch.Tensor, theta: torch.Tensor, batch: torch.Tensor, out_hw: tuple, scale=(1.0, 1.0),
+                 autocast=nullcontext) -> torch.Tensor:
+    """RR (Eqs. 2-3) of the RoIs ``theta`` ``(N, 2, 3)`` from ``x[batch]``, S-Net, theta^-1 (Eq. 4) into
+    ``out_hw``, max over the RoIs of each slice -> probability ``(B, H', W')`` (B = ``x.shape[0]``)."""
+    c = model.config
+    roi = recalibrate(x[batch], theta, (c.roi_size, c.roi_size))
     with autocast():
         m = model.snet(roi)
     pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
-    if f != 1:
-        rois = replace(rois, boxes=rois.boxes * f)
-    return merge_max(pasted, rois.batch, b), heat, rois
+    return merge_max(pasted, batch, x.shape[0])
 
 
 def box_prompt_predict(model, x: torch.Tensor, boxes: torch.Tensor, batch: torch.Tensor, out_hw=None,
@@ -130,11 +139,7 @@ def box_prompt_predict(model, x: torch.Tensor, boxes: torch.Tensor, batch: torch
         return torch.zeros(b, *out_hw, device=x.device)
     lnet_hw = (x.shape[-2] // f, x.shape[-1] // f)
     theta = theta_from_xyxy(boxes.float() / f, lnet_hw, c.alpha)
-    roi = recalibrate(x[batch], theta, (c.roi_size, c.roi_size))
-    with autocast():
-        m = model.snet(roi)
-    pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
-    return merge_max(pasted, batch, b)
+    return snet_on_rois(model, x, theta, batch, out_hw, scale, autocast)
 
 
 class Segmenter:
@@ -187,8 +192,7 @@ class Segmenter:
         """The canvas the network input is built on: L-Net's (``config.spacing`` mm), or with
         ``roi_source_factor = f`` the RoI-source canvas ``f`` times finer (L-Net pools it by ``f``)."""
         c = self.config
-        f = c.roi_source_factor
-        return slice_grid(original_hw, spacing_xy, c.spacing / f, c.pad_multiple * f)
+        return slice_grid(original_hw, spacing_xy, c.roi_source_spacing, c.pad_multiple * c.roi_source_factor)
 
     # ------------------------------------------------------------------ the per-batch core
     @torch.inference_mode()
