@@ -13,32 +13,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "LSNetSegmentation" / "Resources" / "SampleData" / "PANCREAS_0001_reduced.nrrd"
-CHROMIUM = os.environ.get("LSNET_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-WAIT_MS = 120_000  # upper bound of a wait for the page (not a performance check)
+from web_helpers import CHROMIUM, CHROMIUM_ARGS, SAMPLE, WAIT_MS, lsnet_web, needs_chromium, new_page, state, wait_state
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium; .ci/run does)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -63,34 +45,8 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(data_root, tmp_path_factory):
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("log") / "server.log").open("w")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lsnet.app.cli", "web", "--data-root", str(data_root),
-                             "--port", str(port), "--upload-limit-mb", "64"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):  # bounded: up to ~2 minutes for slicer-core + trame to come up
-            if proc.poll() is not None:
-                log.flush()
-                pytest.fail(f"lsnet web exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("lsnet web did not start listening")
+    with lsnet_web(data_root, tmp_path_factory.mktemp("log") / "server.log", "--upload-limit-mb", "64") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -100,35 +56,15 @@ def browser_page(server):
     outside: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 850}, accept_downloads=True)
-
-        def route(r):
-            host = urlparse(r.request.url).hostname
-            if r.request.url.startswith(("data:", "blob:")) or host == "127.0.0.1":
-                r.continue_()
-            else:
-                outside.append(r.request.url)
-                r.abort()
-
-        context.route("**/*", route)
-        page = context.new_page()
-        page.on("websocket", lambda ws: None if urlparse(ws.url).hostname == "127.0.0.1" else outside.append(ws.url))
+        page = new_page(browser, outside, viewport={"width": 1400, "height": 850}, accept_downloads=True)
         page.goto(server)
         page.wait_for_selector("#open-sample", timeout=WAIT_MS)
         page.outside_requests = outside
         try:
             yield page
         finally:
-            context.close()
+            page.context.close()
             browser.close()
-
-
-def state(page, key):
-    return page.evaluate("(k) => window.trame.state.get(k)", key)
-
-
-def wait_state(page, expression: str):
-    page.wait_for_function(f"() => {{ const s = (k) => window.trame.state.get(k); return {expression}; }}", timeout=WAIT_MS)
 
 
 VIEW_INDEX = {"coronal": 0, "sagittal": 1, "3d": 2, "axial": 3}

@@ -68,7 +68,7 @@ def test_data_root_must_be_a_folder(tmp_path):
 def test_lsnet_web_without_trame_slicer_is_a_one_line_error(monkeypatch, capsys):
     from lsnet.app import cli
 
-    monkeypatch.setitem(sys.modules, "LSNetSegmentationWeb.app", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "trame_slicer", None)  # as if not installed
     assert cli.main(["web", "--data-root", "."]) == cli.EXIT_USER
     err = capsys.readouterr().err.strip()
     assert err.startswith("lsnet: error: lsnet web needs trame-slicer") and "\n" not in err

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Optional
 
 from lsnet.errors import LSNetError
 
 from . import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_UPLOAD_LIMIT_MB, paths
+from .gateway import warn_if_exposed
 from .session import WebSession
 
 LOG = logging.getLogger("lsnet.web")
@@ -351,16 +356,34 @@ class LSNetWebApp:
 
 
 def serve(data_root, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, upload_limit_mb: int = DEFAULT_UPLOAD_LIMIT_MB,
-          device: str = "cpu") -> int:
-    """``lsnet web``: build the page and serve it until interrupted."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"lsnet web: WARNING: listening on {host}: there is no authentication; anyone who can reach "
-              f"port {port} can open files under the data root and run the model. Put it behind an SSH tunnel "
-              "or a reverse proxy with authentication (docs/web.md).", file=sys.stderr)
+          device: str = "cpu", exit_with_parent: Optional[int] = None) -> int:
+    """``lsnet web --single-session``: build the page and serve it until interrupted.
+
+    ``exit_with_parent``: the gateway's pid; this process stops itself when that process is gone.
+    """
+    warn_if_exposed(host, port)
     app = LSNetWebApp(data_root=data_root, upload_limit_mb=upload_limit_mb, device=device)
+    if exit_with_parent:
+        _watch_parent(int(exit_with_parent))
     print(f"lsnet web: data root {app.data_root.root}; open http://{host}:{port}/ in a browser", file=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped by the gateway: clean up as after Ctrl-C
     try:
         app.start(host=host, port=port)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         app.close()
     return 0
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _watch_parent(pid: int, period_s: float = 2.0) -> None:
+    """SIGTERM to this process when ``pid`` is no longer its parent (the gateway died without stopping it)."""
+    def watch():
+        while os.getppid() == pid:
+            time.sleep(period_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lsnet-web-parent-watch", daemon=True).start()

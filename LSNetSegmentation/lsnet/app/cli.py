@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     web.add_argument("--upload-limit-mb", type=int, default=1024, help="largest accepted upload in MB (default 1024)")
     web.add_argument("--device", default="cpu", help="engine device: cpu (default), cuda or auto")
+    web.add_argument("--max-sessions", type=int, default=4,
+                     help="browser sessions at a time, each with its own scene in its own process (default 4)")
+    web.add_argument("--idle-timeout-min", type=float, default=30.0,
+                     help="end a session whose page has been closed this many minutes (default 30)")
+    web.add_argument("--single-session", action="store_true",
+                     help="serve one scene from this process (every browser that connects shares it; the "
+                          "per-user gateway starts one of these per session)")
+    web.add_argument("--exit-with-parent", type=int, default=None, help=argparse.SUPPRESS)
     return ap
 
 
@@ -334,14 +342,33 @@ def cmd_demo(args, reporter: _Reporter) -> int:
 
 
 def cmd_web(args) -> int:
-    """``lsnet web``: the web app lives outside the engine (``LSNetSegmentationWeb``, needs slicer-core)."""
-    try:
-        from LSNetSegmentationWeb.app import serve  # imports slicer / trame: only here, never in the engine
-    except ImportError as exc:
-        print(f"lsnet: error: lsnet web needs trame-slicer ({exc}); install it with pip install 'lsnet-segmentation[web]'",
-              file=sys.stderr)
+    """``lsnet web``: the web app lives outside the engine (``LSNetSegmentationWeb``, needs slicer-core).
+
+    By default this process is the per-user gateway (``LSNetSegmentationWeb.gateway``: one app process per
+    browser session); ``--single-session`` serves one scene from this process (``LSNetSegmentationWeb.app``).
+    """
+    import importlib.util
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # a module set to None in sys.modules, a broken package
+            return True
+
+    missing = [name for name in ("trame_slicer", "aiohttp") if absent(name)]
+    if missing:
+        print(f"lsnet: error: lsnet web needs trame-slicer (missing: {', '.join(missing)}); install it with "
+              "pip install 'lsnet-segmentation[web]'", file=sys.stderr)
         return EXIT_USER
-    return serve(args.data_root, host=args.host, port=args.port, upload_limit_mb=args.upload_limit_mb, device=args.device)
+    if args.single_session:
+        from LSNetSegmentationWeb.app import serve  # imports slicer / trame: only here, never in the engine
+
+        return serve(args.data_root, host=args.host, port=args.port, upload_limit_mb=args.upload_limit_mb,
+                     device=args.device, exit_with_parent=args.exit_with_parent)
+    from LSNetSegmentationWeb.gateway import serve_sessions  # aiohttp only; each session process imports slicer
+
+    return serve_sessions(args.data_root, host=args.host, port=args.port, upload_limit_mb=args.upload_limit_mb,
+                          device=args.device, max_sessions=args.max_sessions, idle_timeout_s=60 * args.idle_timeout_min)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
