@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from web_helpers import CHROMIUM, CHROMIUM_ARGS, SAMPLE, WAIT_MS, lsnet_web, needs_chromium, new_page, state, wait_state
 
 pytestmark = needs_chromium
+
+DICOM_CT = SHARED_DATA / "dcmqi-ct-3slice" / "ct"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,8 @@ def data_root(tmp_path_factory):
     shutil.copy(SAMPLE, outside)
     (root / "link_out.nrrd").symlink_to(outside)
     (root / "etc_link").symlink_to("/etc")
+    if DICOM_CT.is_dir():  # a 3-slice DICOM CT series (shared data) for the DICOM SEG download
+        shutil.copytree(DICOM_CT, root / "dicom3")
     return root
 
 
@@ -209,6 +214,48 @@ def test_paths_outside_the_data_root_refused(browser_page, path, words):
     assert words in state(page, "error") and "Refused" in state(page, "error")
     assert page.locator("#error").is_visible()
     assert state(page, "opened") == opened  # nothing else was opened
+
+
+def test_dicom_seg_download_is_the_corrected_segmentation(browser_page, data_root, tmp_path):
+    """DICOM input: the DICOM SEG download holds the segmentation as corrected in the page (the same
+    voxels as the .seg.nrrd download), with one frame per source slice it covers, referencing the series."""
+    import highdicom as hd
+    import pydicom
+    import slicerio
+
+    if not (data_root / "dicom3").is_dir():
+        pytest.skip(f"{DICOM_CT} not present (shared data)")
+    page = browser_page
+    page.locator("#path-input").fill("dicom3")
+    wait_state(page, "s('chosen_path') === 'dicom3'")
+    page.click("#open-path")
+    wait_state(page, "s('opened') === 'dicom3' || s('error') !== ''")
+    assert state(page, "error") == "" and state(page, "is_dicom") is True
+    page.click("#segment")
+    wait_state(page, "s('running') === true || s('has_result') === true || s('error') !== ''")
+    wait_state(page, "s('has_result') === true || s('error') !== ''")
+    assert state(page, "error") == ""
+    engine_voxels = state(page, "voxels")
+    page.click("#add-roi")  # a correction: a user box on the slice shown, re-segmented by S-Net
+    wait_state(page, "s('rois').some(r => r.source === 'user')")
+    page.click("#reseg")
+    wait_state(page, "s('status').startsWith('Re-segmented') || s('error') !== ''")
+    assert state(page, "error") == ""
+    voxels = state(page, "voxels")
+    assert voxels != engine_voxels, "the correction changed nothing: this test would not tell the two SEGs apart"
+    downloads = {}
+    for button in ("#download-dicom-seg", "#download-seg"):
+        with page.expect_download(timeout=WAIT_MS) as info:
+            page.click(button)
+        downloads[button] = tmp_path / info.value.suggested_filename
+        info.value.save_as(downloads[button])
+    seg = hd.seg.segread(str(downloads["#download-dicom-seg"]))
+    sources = {pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID for f in (data_root / "dicom3").iterdir()}
+    referenced = {ref.ReferencedSOPInstanceUID for fr in seg.PerFrameFunctionalGroupsSequence
+                  for ref in fr.DerivationImageSequence[0].SourceImageSequence}
+    assert referenced <= sources and referenced
+    assert int(np.count_nonzero(seg.pixel_array)) == voxels
+    assert np.count_nonzero(slicerio.read_segmentation(str(downloads["#download-seg"]))["voxels"]) == voxels
 
 
 def test_no_request_left_127_0_0_1(browser_page):

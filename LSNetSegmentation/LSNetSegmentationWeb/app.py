@@ -340,7 +340,7 @@ class LSNetWebApp:
                         v.VDivider(classes="my-2")
                         v.VBtn("Download .seg.nrrd", id="download-seg", block=True, classes="mb-1",
                                click=f"trigger('{trig(self.download_seg)}').then({dl})")
-                        v.VBtn("Download DICOM SEG (engine result)", id="download-dicom-seg", block=True,
+                        v.VBtn("Download DICOM SEG", id="download-dicom-seg", block=True,
                                v_if="is_dicom", click=f"trigger('{trig(self.download_dicom_seg)}').then({dl})")
                     html.Div("Data root: {{ data_root }}", classes="text-caption mt-4")
             with layout.content:

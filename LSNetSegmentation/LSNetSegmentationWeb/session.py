@@ -69,6 +69,7 @@ class WebSession:
         self.device, self.batch_size = device, batch_size
         self.opened: Optional[Opened] = None
         self.volume_node = None
+        self.source_volume = None
         self.result: Optional[workflow.LSNetResult] = None  # what the last Segment put in the scene
         self.canonicalizer: Optional[geometry_bridge.Canonicalizer] = None
         self.markups: Optional[results.RoiMarkups] = None
@@ -121,6 +122,7 @@ class WebSession:
         self._ensure_sh_item(node)
         self.volume_node = node
         self.opened = Opened(Path(path), label, dicom)
+        self.source_volume = volume  # the engine's Volume of the input (geometry for the DICOM SEG export)
         array_shape = volume.array.shape
         self.canonicalizer = geometry_bridge.Canonicalizer(ijk_to_ras, array_shape)
         return node
@@ -338,14 +340,24 @@ class WebSession:
         return name, target.read_bytes()
 
     def export_dicom_seg(self) -> tuple[str, bytes]:
-        """The engine's DICOM SEG of the last Segment run (DICOM input only; before corrections)."""
+        """DICOM SEG of the segmentation as it is now (corrections included), referencing the opened
+        DICOM series: the engine's own writer (``lsnet.io.dicom_seg``, highdicom) on the segment's mask."""
+        from lsnet.io.dicom_seg import build_segmentation, save_atomic
+        from lsnet.io.outputs import labels_from_card
+        from lsnet.results import SegmentationResult
+
         self._require_results()
         if not (self.opened and self.opened.dicom):
             raise SessionError("DICOM SEG needs a DICOM series as input.")
-        dcm = self.done_outputs.get("dicom_seg") or str(self.run_dir / "segmentation.dcm")
-        if not Path(dcm).is_file():
-            raise SessionError("The engine wrote no DICOM SEG for this run.")
-        return f"{self.volume_node.GetName()}_lsnet_seg.dcm", Path(dcm).read_bytes()
+        card = self._get_segmenter().card
+        value = int(labels_from_card(card)[0].get("value", 1))
+        mask, _canonical = results.canonical_mask(self.segmentation_node, self.segment_ids[0], self.volume_node,
+                                                  self.canonicalizer)
+        corrected = SegmentationResult(self.source_volume, (np.asarray(mask) > 0).astype(np.uint8) * value, None, [],
+                                       None, card)
+        target = self.workdir / f"export-{time.monotonic_ns()}" / "segmentation.dcm"
+        save_atomic(build_segmentation(corrected, self.opened.path), target)
+        return f"{self.volume_node.GetName()}_lsnet_seg.dcm", target.read_bytes()
 
     def close(self) -> None:
         self.cancel()
