@@ -12,10 +12,12 @@ specific to the web:
                    needs (one documented module);
 * ``session``   -- one user's scene: open a CT, Segment (child process), results into MRML, box
                    correction, export (slicer-core, no trame);
-* ``app``       -- the trame page: views (trame-slicer), controls, state, downloads.
+* ``app``       -- the trame page: views (trame-slicer), controls, state, downloads;
+* ``gateway``   -- per-user sessions: ``lsnet web`` starts one ``app`` process per browser session and
+                   relays each browser to its own (aiohttp only, no Slicer).
 
-Nothing here is imported by the engine at module level: ``lsnet web`` imports ``LSNetSegmentationWeb.app``
-inside its command function.
+Nothing here is imported by the engine at module level: ``lsnet web`` imports ``LSNetSegmentationWeb.gateway``
+(or, with ``--single-session``, ``LSNetSegmentationWeb.app``) inside its command function.
 """
 
 DEFAULT_HOST = "127.0.0.1"
