@@ -5,13 +5,15 @@ sessions at most and a short idle time-out; headless Chromium opens it from sepa
 (separate cookies, as two people on two machines).  Checked: what one user opens or uploads never shows
 in the other's page; uploads (a good file, a refused name, a file over the limit) in the browser; a third
 browser gets the "all sessions in use" page until a closed session times out; requests without a
-session cookie are refused; stopping the gateway stops every session process.
+session cookie are refused; a session whose process died is replaced on the next page load; stopping
+the gateway stops every session process.
 """
 
 from __future__ import annotations
 
 import http.cookiejar
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -140,7 +142,7 @@ def test_requests_without_a_session_are_refused(gateway):
         assert err.value.code == 403
 
 
-def test_stopping_the_gateway_stops_its_sessions(data_root, tmp_path):
+def test_a_dead_session_is_replaced_and_the_gateway_stops_its_sessions(data_root, tmp_path):
     log_path = tmp_path / "gateway.log"
     with lsnet_web(data_root, log_path) as url:
         jar = http.cookiejar.CookieJar()
@@ -149,10 +151,20 @@ def test_stopping_the_gateway_stops_its_sessions(data_root, tmp_path):
             assert r.status == 200 and [c.name for c in jar] == ["lsnet_session"]
         pids = session_pids(log_path)
         assert len(pids) == 1 and _alive(pids[0])
-    deadline = time.monotonic() + 20
-    while _alive(pids[0]) and time.monotonic() < deadline:
+        os.kill(pids[0], signal.SIGKILL)  # the session process dies: the next page load gets a new one
+        _wait_gone(pids[0])
+        with opener.open(url, timeout=120) as r:
+            assert r.status == 200
+        pids = session_pids(log_path)
+        assert len(pids) == 2 and _alive(pids[1])
+    _wait_gone(pids[1])  # the gateway stopped: so did its session
+    assert not _alive(pids[1])
+
+
+def _wait_gone(pid: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(pids[0])
 
 
 def _alive(pid: int) -> bool:

@@ -27,12 +27,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from aiohttp import ClientSession, ClientTimeout, WSMsgType, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, WSMsgType, web
 
 LOG = logging.getLogger("LSNetSegmentationWeb.gateway")  # not under "lsnet": the CLI quiets the engine logger
 
@@ -109,23 +110,30 @@ class Gateway:
         return app
 
     async def _on_startup(self, _app) -> None:
-        self._client = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
+        # no pooled keep-alive connections: a new session process may get the port of one that died, and a
+        # pooled connection to the dead one would then fail the new session's first request
+        self._client = ClientSession(connector=TCPConnector(force_close=True), auto_decompress=False,
+                                     timeout=ClientTimeout(total=None, sock_connect=10))
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def _on_cleanup(self, _app) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
         for token in list(self.sessions):
-            self.end(token, "gateway stopped")
+            self.end(token, "gateway stopped", wait=True)
         if self._client is not None:
             await self._client.close()
 
-    def end(self, token: str, why: str) -> None:
+    def end(self, token: str, why: str, wait: bool = False) -> None:
+        """Forget a session and stop its process (in a worker thread unless ``wait``: the relay goes on)."""
         session = self.sessions.pop(token, None)
         if session is None:
             return
         LOG.info("session %s… ended (%s): pid %d port %d", token[:6], why, session.process.pid, session.port)
-        stop_process(session.process)
+        if wait:
+            stop_process(session.process)
+        else:
+            asyncio.get_running_loop().run_in_executor(None, stop_process, session.process)
 
     async def _reap_forever(self) -> None:
         period = max(0.5, min(30.0, self.idle_timeout_s / 4))
@@ -195,7 +203,15 @@ class Gateway:
         session.last_seen = time.monotonic()
         if _is_websocket(request):
             return await self._relay_websocket(request, session)
-        response = await self._relay_http(request, session)
+        try:
+            response = await self._relay_http(request, session)
+        except ClientError as exc:
+            died = await _exited(session.process, 2.0)
+            self.end(session.token, f"its process does not answer ({type(exc).__name__})")
+            if died and not fresh and request.method == "GET" and request.path in PAGE_PATHS:
+                return await self.handle(request)  # a page load: once more, with a new session
+            return _message_page(502, "The session ended", "Its process stopped answering. Reload the page to start a "
+                                 "new session (what was open in the old one is gone).")
         if fresh:
             response.set_cookie(COOKIE, session.token, httponly=True, samesite="Strict", path="/")
         return response
@@ -219,7 +235,7 @@ class Gateway:
             async with self._client.ws_connect(f"ws://127.0.0.1:{session.port}{request.rel_url}", protocols=protocols,
                                                max_msg_size=0) as app_side:
                 await _pump_both(browser, app_side, session)
-        except OSError as exc:
+        except (OSError, ClientError) as exc:
             LOG.warning("session %s…: WebSocket to its process failed (%s)", session.token[:6], exc)
         finally:
             session.sockets -= 1
@@ -234,6 +250,16 @@ class SessionsFull(Exception):
 
 class SessionFailed(Exception):
     pass
+
+
+async def _exited(process: subprocess.Popen, within_s: float) -> bool:
+    """Whether ``process`` has exited, or does so within ``within_s`` (a process killed a moment ago)."""
+    deadline = time.monotonic() + within_s
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -311,7 +337,7 @@ def serve_sessions(data_root, host: str, port: int, upload_limit_mb: int, device
     root = DataRoot(data_root).root  # a bad --data-root fails here, before any session starts
     warn_if_exposed(host, port)
     logging.basicConfig(level=logging.INFO, format="lsnet web: %(message)s", stream=sys.stderr)
-    log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"lsnet-web-{os.getpid()}"
+    log_dir = Path(tempfile.mkdtemp(prefix="lsnet-web-logs-"))
     gateway = Gateway(child_command(root, upload_limit_mb, device), max_sessions=max_sessions,
                       idle_timeout_s=idle_timeout_s, log_dir=log_dir)
     print(f"lsnet web: data root {root}; up to {max_sessions} sessions (one process each); session logs in "
