@@ -23,7 +23,8 @@ from web_helpers import CHROMIUM, CHROMIUM_ARGS, SAMPLE, WAIT_MS, lsnet_web, nee
 
 pytestmark = needs_chromium
 
-DICOM_CT = SHARED_DATA / "dcmqi-ct-3slice" / "ct"
+DICOM_CT = SHARED_DATA / "ircadb-1.1" / "3Dircadb1" / "3Dircadb1.1" / "PATIENT_DICOM"
+"""A real abdominal DICOM CT series (IRCAD, 129 slices; shared data) for the DICOM SEG download."""
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def data_root(tmp_path_factory):
     shutil.copy(SAMPLE, outside)
     (root / "link_out.nrrd").symlink_to(outside)
     (root / "etc_link").symlink_to("/etc")
-    if DICOM_CT.is_dir():  # a 3-slice DICOM CT series (shared data) for the DICOM SEG download
-        shutil.copytree(DICOM_CT, root / "dicom3")
+    if DICOM_CT.is_dir():
+        shutil.copytree(DICOM_CT, root / "dicom_ct")
     return root
 
 
@@ -190,10 +191,9 @@ def test_cancel_leaves_the_scene_unchanged(browser_page):
     page = browser_page
     voxels, n = state(page, "voxels"), len(state(page, "rois"))
     page.click("#segment")
-    wait_state(page, "s('running') === true")
-    page.click("#cancel")
+    page.click("#cancel")  # at once: Playwright waits only until the button is enabled (the run has started)
     wait_state(page, "s('running') === false")
-    assert state(page, "error").startswith("Cancelled")
+    assert state(page, "error").startswith("Cancelled"), (state(page, "error"), state(page, "status"))
     assert (state(page, "voxels"), len(state(page, "rois"))) == (voxels, n)
 
 
@@ -217,32 +217,33 @@ def test_paths_outside_the_data_root_refused(browser_page, path, words):
 
 
 def test_dicom_seg_download_is_the_corrected_segmentation(browser_page, data_root, tmp_path):
-    """DICOM input: the DICOM SEG download holds the segmentation as corrected in the page (the same
-    voxels as the .seg.nrrd download), with one frame per source slice it covers, referencing the series."""
+    """DICOM input: the DICOM SEG download holds the segmentation as corrected in the page (a RoI and its
+    mask deleted; the same voxels as the .seg.nrrd download), its frames referencing the source series."""
     import highdicom as hd
     import pydicom
     import slicerio
 
-    if not (data_root / "dicom3").is_dir():
+    if not (data_root / "dicom_ct").is_dir():
         pytest.skip(f"{DICOM_CT} not present (shared data)")
     page = browser_page
-    page.locator("#path-input").fill("dicom3")
-    wait_state(page, "s('chosen_path') === 'dicom3'")
+    page.locator("#path-input").fill("dicom_ct")
+    wait_state(page, "s('chosen_path') === 'dicom_ct'")
     page.click("#open-path")
-    wait_state(page, "s('opened') === 'dicom3' || (s('error') || '').includes('dicom3')")  # not an earlier error
+    wait_state(page, "s('opened') === 'dicom_ct' || (s('error') || '').includes('dicom_ct')")  # not an earlier error
     assert state(page, "error") == "" and state(page, "is_dicom") is True
     page.click("#segment")
     wait_state(page, "s('running') === true || s('has_result') === true || s('error') !== ''")
     wait_state(page, "s('has_result') === true || s('error') !== ''")
     assert state(page, "error") == ""
-    engine_voxels = state(page, "voxels")
-    page.click("#add-roi")  # a correction: a user box on the slice shown, re-segmented by S-Net
-    wait_state(page, "s('rois').some(r => r.source === 'user')")
-    page.click("#reseg")
-    wait_state(page, "s('status').startsWith('Re-segmented') || s('error') !== ''")
-    assert state(page, "error") == ""
+    engine_voxels, rois = state(page, "voxels"), state(page, "rois")
+    assert rois, "the engine found no RoI on this CT: nothing to correct"
+    middle = len(rois) // 2
+    page.locator(".roi-row").nth(middle).click()  # a correction: delete a box and the mask inside it
+    wait_state(page, f"s('selected_roi') === {rois[middle]['id']}")
+    page.click("#delete")
+    wait_state(page, f"s('rois').length === {len(rois) - 1} && s('status').startsWith('Deleted')")
     voxels = state(page, "voxels")
-    assert voxels != engine_voxels, "the correction changed nothing: this test would not tell the two SEGs apart"
+    assert voxels < engine_voxels, "the correction changed nothing: this test would not tell the two SEGs apart"
     downloads = {}
     for button in ("#download-dicom-seg", "#download-seg"):
         with page.expect_download(timeout=WAIT_MS) as info:
@@ -250,7 +251,7 @@ def test_dicom_seg_download_is_the_corrected_segmentation(browser_page, data_roo
         downloads[button] = tmp_path / info.value.suggested_filename
         info.value.save_as(downloads[button])
     seg = hd.seg.segread(str(downloads["#download-dicom-seg"]))
-    sources = {pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID for f in (data_root / "dicom3").iterdir()}
+    sources = {pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID for f in (data_root / "dicom_ct").iterdir()}
     referenced = {ref.ReferencedSOPInstanceUID for fr in seg.PerFrameFunctionalGroupsSequence
                   for ref in fr.DerivationImageSequence[0].SourceImageSequence}
     assert referenced <= sources and referenced
