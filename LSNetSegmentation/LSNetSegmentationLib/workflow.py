@@ -83,13 +83,18 @@ def store_boxes(result: LSNetResult) -> None:
     result.segmentationNode.SetAttribute(parameters.BOXES_ATTRIBUTE, result.table.to_json())
 
 
+def engine_volume(result: LSNetResult):
+    """The input volume node as the engine's ``Volume`` (a view of the node's voxels, its geometry)."""
+    import slicer
+
+    return geometry_bridge.volume_from_slicer(slicer.util.arrayFromVolume(result.inputVolume),
+                                              result.canonicalizer.input_ijk_to_ras)
+
+
 def resegment_boxes(result: LSNetResult, segmenter, boxes) -> int:
     """S-Net (``segmenter.segment_box``) inside each box (one canonical slice each); the mask is replaced
     inside the boxes only.  Returns the number of voxels that changed."""
-    import slicer
-
-    volume = geometry_bridge.volume_from_slicer(slicer.util.arrayFromVolume(result.inputVolume),
-                                                result.canonicalizer.input_ijk_to_ras)
+    volume = engine_volume(result)
     segment_id = result.segmentIds[0]
     mask, canonical = results.canonical_mask(result.segmentationNode, segment_id, result.inputVolume, result.canonicalizer)
     changed = 0

@@ -57,8 +57,6 @@ class Session:
     token: str
     port: int
     process: subprocess.Popen
-    log_path: Path
-    started: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     sockets: int = 0  # open WebSocket relays (an open page holds one)
 
@@ -165,7 +163,7 @@ class Gateway:
             with log_path.open("wb") as log:
                 proc = subprocess.Popen(self.child_command(port), stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=True)
-            session = Session(token, port, proc, log_path)
+            session = Session(token, port, proc)
             LOG.info("session %s… started: pid %d port %d", token[:6], proc.pid, port)
             deadline = time.monotonic() + self.start_timeout_s
             while not await _accepts(port):

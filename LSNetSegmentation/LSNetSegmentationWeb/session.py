@@ -69,7 +69,6 @@ class WebSession:
         self.device, self.batch_size = device, batch_size
         self.opened: Optional[Opened] = None
         self.volume_node = None
-        self.source_volume = None
         self.result: Optional[workflow.LSNetResult] = None  # what the last Segment put in the scene
         self.canonicalizer: Optional[geometry_bridge.Canonicalizer] = None
         self.markups: Optional[results.RoiMarkups] = None
@@ -122,7 +121,6 @@ class WebSession:
         self._ensure_sh_item(node)
         self.volume_node = node
         self.opened = Opened(Path(path), label, dicom)
-        self.source_volume = volume  # the engine's Volume of the input (geometry for the DICOM SEG export)
         array_shape = volume.array.shape
         self.canonicalizer = geometry_bridge.Canonicalizer(ijk_to_ras, array_shape)
         return node
@@ -330,8 +328,7 @@ class WebSession:
         import slicer
 
         self._require_results()
-        target = self.workdir / f"export-{time.monotonic_ns()}" / "segmentation.seg.nrrd"
-        target.parent.mkdir(parents=True)
+        target = self._export_target("segmentation.seg.nrrd")
         storage = slicer.vtkMRMLSegmentationStorageNode()
         storage.SetFileName(target.as_posix())
         if not storage.WriteData(self.segmentation_node):
@@ -344,20 +341,27 @@ class WebSession:
         DICOM series: the engine's own writer (``lsnet.io.dicom_seg``, highdicom) on the segment's mask."""
         from lsnet.io.dicom_seg import build_segmentation, save_atomic
         from lsnet.io.outputs import labels_from_card
+        from lsnet.io.weights import checked_card
         from lsnet.results import SegmentationResult
 
         self._require_results()
         if not (self.opened and self.opened.dicom):
             raise SessionError("DICOM SEG needs a DICOM series as input.")
-        card = self._get_segmenter().card
+        card, _weights = checked_card()  # the bundled model's, as the Segment run and the correction use
         value = int(labels_from_card(card)[0].get("value", 1))
         mask, _canonical = results.canonical_mask(self.segmentation_node, self.segment_ids[0], self.volume_node,
                                                   self.canonicalizer)
-        corrected = SegmentationResult(self.source_volume, (np.asarray(mask) > 0).astype(np.uint8) * value, None, [],
-                                       None, card)
-        target = self.workdir / f"export-{time.monotonic_ns()}" / "segmentation.dcm"
+        corrected = SegmentationResult(workflow.engine_volume(self.result), (np.asarray(mask) > 0).astype(np.uint8) * value,
+                                       None, [], None, card)
+        target = self._export_target("segmentation.dcm")
         save_atomic(build_segmentation(corrected, self.opened.path), target)
         return f"{self.volume_node.GetName()}_lsnet_seg.dcm", target.read_bytes()
+
+    def _export_target(self, name: str) -> Path:
+        """``name`` in a fresh folder of the working folder (no export overwrites another)."""
+        folder = self.workdir / f"export-{time.monotonic_ns()}"
+        folder.mkdir(parents=True)
+        return folder / name
 
     def close(self) -> None:
         self.cancel()
