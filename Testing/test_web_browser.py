@@ -73,6 +73,20 @@ def browser_page(server):
             browser.close()
 
 
+def open_path(page, path: str) -> None:
+    """Type ``path`` into the data-root field and press Open (the answer is the caller's to wait for)."""
+    page.locator("#path-input").fill(path)
+    wait_state(page, f"s('chosen_path') === {path!r}")
+    page.click("#open-path")
+
+
+def segment_and_wait(page) -> None:
+    """Press Segment and wait until the result is in the scene (or an error is shown)."""
+    page.click("#segment")
+    wait_state(page, "s('running') === true || s('has_result') === true || s('error') !== ''")
+    wait_state(page, "s('has_result') === true || s('error') !== ''")
+
+
 VIEW_INDEX = {"coronal": 0, "sagittal": 1, "3d": 2, "axial": 3}
 """Order of the view images in trame-slicer's Quad View layout."""
 
@@ -119,9 +133,7 @@ def test_open_sample_shows_views(browser_page, shots):
 def test_segment_draws_segmentation(browser_page, shots):
     page = browser_page
     before = slice_views_segment_pixels(page)
-    page.click("#segment")
-    wait_state(page, "s('running') === true || s('has_result') === true || s('error') !== ''")
-    wait_state(page, "s('has_result') === true || s('error') !== ''")
+    segment_and_wait(page)
     assert state(page, "error") == ""
     assert state(page, "voxels") > 1000
     rois = state(page, "rois")
@@ -204,10 +216,7 @@ def test_cancel_leaves_the_scene_unchanged(browser_page):
 def test_paths_outside_the_data_root_refused(browser_page, path, words):
     page = browser_page
     opened = state(page, "opened")
-    field = page.locator("#path-input")
-    field.fill(path)
-    wait_state(page, f"s('chosen_path') === {path!r}")
-    page.click("#open-path")
+    open_path(page, path)
     # the message names the refused path: waiting on that, not on "any error", keeps the previous
     # case's message (still shown until the server answers this click) from passing the wait
     wait_state(page, f"(s('error') || '').includes({path!r})")
@@ -226,14 +235,10 @@ def test_dicom_seg_download_is_the_corrected_segmentation(browser_page, data_roo
     if not (data_root / "dicom_ct").is_dir():
         pytest.skip(f"{DICOM_CT} not present (shared data)")
     page = browser_page
-    page.locator("#path-input").fill("dicom_ct")
-    wait_state(page, "s('chosen_path') === 'dicom_ct'")
-    page.click("#open-path")
+    open_path(page, "dicom_ct")
     wait_state(page, "s('opened') === 'dicom_ct' || (s('error') || '').includes('dicom_ct')")  # not an earlier error
     assert state(page, "error") == "" and state(page, "is_dicom") is True
-    page.click("#segment")
-    wait_state(page, "s('running') === true || s('has_result') === true || s('error') !== ''")
-    wait_state(page, "s('has_result') === true || s('error') !== ''")
+    segment_and_wait(page)
     assert state(page, "error") == ""
     engine_voxels, rois = state(page, "voxels"), state(page, "rois")
     assert rois, "the engine found no RoI on this CT: nothing to correct"
