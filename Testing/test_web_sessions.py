@@ -30,6 +30,11 @@ pytestmark = needs_chromium
 IDLE_MIN = 0.1  # 6 s: a closed page's session ends quickly in this test (default 30 min)
 
 
+def wait_until_closed_sessions_end() -> None:
+    """Past the idle time-out (and the gateway's check period, a quarter of it): closed pages' sessions are gone."""
+    time.sleep(60 * IDLE_MIN + 3)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sessions") / "data"
@@ -100,7 +105,7 @@ def test_two_users_do_not_see_each_others_data(browser, gateway, small_ct):
 
 def test_uploads_refused_with_a_message(browser, gateway, tmp_path):
     url, _ = gateway
-    time.sleep(60 * IDLE_MIN + 3)  # the previous test's sessions end: this one gets a slot
+    wait_until_closed_sessions_end()  # the previous test's sessions: this one gets a slot
     page = open_app(browser, url, [])
     try:
         wrong = tmp_path / "notes.txt"
@@ -117,14 +122,14 @@ def test_uploads_refused_with_a_message(browser, gateway, tmp_path):
 
 def test_a_full_server_says_so_until_a_session_ends(browser, gateway):
     url, _ = gateway
-    time.sleep(60 * IDLE_MIN + 3)
+    wait_until_closed_sessions_end()
     a, b = open_app(browser, url, []), open_app(browser, url, [])
     third = new_page(browser, [])
     try:
         response = third.goto(url)
         assert response.status == 503 and "All sessions are in use" in third.content()
         b.context.close()  # B leaves; after the idle time-out its slot is free again
-        time.sleep(60 * IDLE_MIN + 3)
+        wait_until_closed_sessions_end()
         third.goto(url)
         third.wait_for_selector("#open-sample", timeout=WAIT_MS)
         assert state(third, "opened") == ""
