@@ -292,3 +292,45 @@ def test_seed_systems_train_and_export_through_the_same_entry_point(method, tmp_
     w = export(out, tmp_path / f"{method}.safetensors", which="last")
     model, card = load_model(w)
     assert card["config"]["architecture"] == method and model.config.architecture == method
+
+
+def test_weight_averaging_of_the_last_epochs_survives_a_resume(tmp_path, cache_dir):
+    """``train.average_last 2`` of 3 epochs: ``averaged.pt`` holds the mean of epochs 1 and 2's weights
+    (from ``keep_checkpoints``), its BatchNorm statistics recomputed (not the mean); a run cut off after
+    epoch 1 and resumed averages epoch 1 (kept in ``last.pt``) with its own epoch 2."""
+    a = _args("lsnet", tmp_path / "x", cache_dir)
+    base = a[:2] + a[4:]  # without --out
+    common = base + ["--set", "train.average_last=2", "--set", "train.keep_checkpoints=true"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["--out", str(full)] + common + ["--set", "train.epochs=3"]) == 0
+    ep = [load_checkpoint(full / "checkpoints" / f"epoch_{e:03d}.pt")["system"] for e in (1, 2)]
+    avg = load_checkpoint(full / "checkpoints" / "averaged.pt")
+    assert avg["averaged"]["epochs_averaged"] == 2 and avg["averaged"]["bn_batches"] >= 1
+    sd = avg["system"]
+    stats = [k for k in sd if k.endswith("running_mean") or k.endswith("running_var")]
+    weights = [k for k in sd if sd[k].is_floating_point() and k not in stats]
+    assert stats and weights
+    for k in weights:
+        torch.testing.assert_close(sd[k], (ep[0][k].float() + ep[1][k].float()) / 2, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(sd[k], (ep[0][k] + ep[1][k]) / 2) for k in stats)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["averaged"]["epochs_averaged"] == 2
+
+    # the same run cut off after epoch 1 (its last.pt is then epoch 1's, the average holding one epoch)
+    shutil.copytree(full, cut)
+    state = load_checkpoint(full / "checkpoints" / "epoch_001.pt")
+    assert state["average"]["n"] == 1
+    torch.save(state, cut / "checkpoints" / "last.pt")
+    (cut / "checkpoints" / "averaged.pt").unlink()
+    assert main(["--out", str(cut)] + common + ["--set", "train.epochs=3"]) == 0
+    resumed = load_checkpoint(cut / "checkpoints" / "averaged.pt")["system"]
+    ep2 = load_checkpoint(cut / "checkpoints" / "epoch_002.pt")["system"]  # the resumed run's own epoch 2
+    for k in weights:
+        torch.testing.assert_close(resumed[k], (ep[0][k].float() + ep2[k].float()) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_refuses_a_missing_averaged_checkpoint(trained):
+    from training.evaluate import load_run
+
+    with pytest.raises(InputError, match="average_last"):
+        load_run(trained["lsnet"], "averaged")

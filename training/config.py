@@ -25,7 +25,8 @@ Sections (defaults = the paper's settings, section 3.1, where it gives them):
 ``train``    ``epochs`` 60, ``lr`` 1e-4, ``lr_step`` 25, ``lr_decay`` 0.1 (Adam, x0.1 every 25 epochs),
              ``batch_size``, ``weight_decay``, ``amp`` ("auto" = bf16 autocast on CUDA, "off", "bf16"),
              ``device`` ("auto", "cpu", "cuda"), ``seed``, ``max_iters`` (per epoch; null = all),
-             ``val_every``, ``log_every``, ``keep_checkpoints``.
+             ``val_every``, ``log_every``, ``keep_checkpoints``, ``average_last`` (0; N > 0 also writes
+             ``checkpoints/averaged.pt``, the mean weights of the last N epochs - ours, see training/train.py).
 ``augment``  :class:`training.augment.AugmentConfig` fields.
 
 ``--set a.b=value`` overrides one key; the value is parsed as JSON when it parses (numbers, true,
@@ -84,6 +85,7 @@ DEFAULTS: dict = {
         "val_every": 1,
         "log_every": 20,
         "keep_checkpoints": False,
+        "average_last": 0,
     },
     "augment": AugmentConfig().to_dict(),
 }

@@ -86,6 +86,8 @@ def load_run(run_dir: Path, which: str = "best") -> tuple:
         raise InputError(f"{run_dir} is not a training run folder (no config.json)")
     cfg = json.loads(cfg_path.read_text())
     ck = run_dir / "checkpoints" / f"{which}.pt"
+    if not ck.exists() and which == "averaged":
+        raise InputError(f"{run_dir} has no {ck.name}: train with --set train.average_last=N (N > 0)")
     if not ck.exists():
         ck = run_dir / "checkpoints" / "last.pt"
     if not ck.exists():
@@ -350,7 +352,7 @@ def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders written by training.train (LABEL=DIR to name one)")
     ap.add_argument("--out", required=True, help="folder for results.md and results.csv")
-    ap.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    ap.add_argument("--checkpoint", default="best", choices=["best", "last", "averaged"])
     ap.add_argument("--data", help="JSON list of dataset specs to evaluate on instead of each run's validation fold")
     ap.add_argument("--cache-dir", help="slice cache to use (default: the run's data.cache_dir)")
     ap.add_argument("--device", default="auto")

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="training output folder or checkpoint .pt")
     ap.add_argument("-o", "--output", type=Path, required=True, help="target .safetensors (card written next to it)")
-    ap.add_argument("--which", choices=["best", "last"], default="best")
+    ap.add_argument("--which", choices=["best", "last", "averaged"], default="best")
     ap.add_argument("--name")
     ap.add_argument("--description", default="")
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")

@@ -31,6 +31,11 @@ Outputs in ``--out``: ``config.json`` (resolved), ``history.csv`` (one row per e
 epoch with validation slice DSC / precision / recall / L-Net box mIoU, written at the end),
 ``checkpoints/last.pt`` (every
 epoch; the run resumes from it), ``checkpoints/best.pt`` (best validation slice DSC), ``split.json``.
+With ``train.average_last N`` (ours, not in the paper; 0 = off) also ``checkpoints/averaged.pt``: the
+uniform mean of the weights after each of the last N epochs (stochastic weight averaging, Izmailov et
+al. 2018, at the schedule's final learning rate), its BatchNorm statistics recomputed on one pass over
+the training batches (:func:`recalibrate_batchnorm`); the running mean is kept in ``last.pt``, so a
+resumed run averages the same epochs.
 Checkpoints are ordinary PyTorch files for resuming; ``training/export.py`` turns one into the
 engine's safetensors + model card.
 """
@@ -52,6 +57,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lsnet.errors import DeviceError, InputError, LSNetError
@@ -290,12 +296,17 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
     gen.manual_seed(int(tcfg["seed"]) * 1000 + dd.rank)
     history: list = []
     start_epoch = 0
+    epochs = int(tcfg["epochs"])
+    average_from = epochs - int(tcfg["average_last"]) if int(tcfg["average_last"]) > 0 else None
+    averaged: Optional[WeightAverage] = None
     if state is not None:
         system.load_state_dict(state["system"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
+        if state.get("average") is not None:
+            averaged = WeightAverage.from_state(state["average"])
         try:
             gen.set_state(state["aug_rng"][min(dd.rank, len(state["aug_rng"]) - 1)].to(gen.get_state().device))
         except (KeyError, RuntimeError, IndexError):
@@ -315,7 +326,6 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
     gamma = float(cfg["model"]["gamma"])
     max_iters = tcfg["max_iters"]
     log_every = max(1, int(tcfg["log_every"]))
-    epochs = int(tcfg["epochs"])
     iters_csv = out / "iters.csv"
 
     last_row: dict = history[-1] if history else {}
@@ -349,6 +359,8 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
             result = {k: float(v) / dd.world for k, v in zip(keys, t.tolist())}
         row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "iters": n_iter, "train_s": round(train_time, 2),
                **{f"train_{k}": v for k, v in result.items()}}
+        if average_from is not None and epoch >= average_from:
+            averaged = (averaged or WeightAverage()).add(system)
         do_val = val_loader is not None and ((epoch + 1) % int(tcfg["val_every"]) == 0 or epoch == epochs - 1)
         if dd.main and do_val:
             row.update(validate(system, val_loader, device, autocast, cfg))
@@ -358,7 +370,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
             state_out = {
                 "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": cfg, "system": system.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                "aug_rng": [gen.get_state()],
+                "aug_rng": [gen.get_state()], "average": averaged.state() if averaged is not None else None,
             }
             save_checkpoint(ckpt_path, state_out)
             if row.get("val_dsc") is not None and row["val_dsc"] >= best:
@@ -375,12 +387,98 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
         dd.barrier()
         last_row = row
     if dd.main:
-        write_summary(out, cfg, history, device)
+        summary_extra = None
+        avg_path = out / "checkpoints" / "averaged.pt"
+        if averaged is not None and averaged.n == epochs - average_from and not avg_path.exists():
+            summary_extra = _save_averaged(averaged, system, train_loader, phases, aug, gen, pixel_mm, gamma, device,
+                                           autocast, val_loader, cfg, history, avg_path)
+        write_summary(out, cfg, history, device, summary_extra)
     return last_row
 
 
-def write_summary(out: Path, cfg: dict, history: list, device: torch.device) -> dict:
-    """``summary.json``: the last and the best (validation slice DSC) epoch rows, device, config digest."""
+class WeightAverage:
+    """Running uniform mean of a module's floating-point ``state_dict`` entries (float32 copies).
+
+    ``add(module)`` folds in the module's current weights; ``load_into(module)`` writes the mean into it
+    (BatchNorm running statistics included - recompute them with :func:`recalibrate_batchnorm`)."""
+
+    def __init__(self, mean: Optional[dict] = None, n: int = 0):
+        self.mean = mean or {}
+        self.n = n
+
+    def add(self, module: nn.Module) -> "WeightAverage":
+        sd = {k: v.detach().float() for k, v in module.state_dict().items() if v.is_floating_point()}
+        if not self.mean:
+            self.mean = {k: v.clone().cpu() for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                self.mean[k].mul_(self.n / (self.n + 1)).add_(v.cpu(), alpha=1.0 / (self.n + 1))
+        self.n += 1
+        return self
+
+    def load_into(self, module: nn.Module) -> None:
+        sd = module.state_dict()
+        for k, v in self.mean.items():
+            sd[k].copy_(v.to(sd[k].dtype))
+
+    def state(self) -> dict:
+        return {"n": self.n, "mean": self.mean}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "WeightAverage":
+        return cls(dict(state["mean"]), int(state["n"]))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(system: nn.Module, loader, phases: list, aug: AugmentConfig, gen: torch.Generator,
+                          pixel_mm: float, gamma: float, device: torch.device, autocast=nullcontext,
+                          max_batches: Optional[int] = None) -> int:
+    """Recompute every BatchNorm layer's running mean/variance as the plain average over one pass of the
+    training batches (augmented as in training), running each training phase's forward in train mode
+    without gradients.  Needed after weight averaging: the averaged weights' activations differ from any
+    single epoch's.  Returns the number of batches seen."""
+    bns = [m for m in system.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    system.train()
+    n = 0
+    for batch in loader:
+        if max_batches is not None and n >= max_batches:
+            break
+        x, m = augment_batch(batch["image"].to(device), batch["mask"].to(device), aug, gen, pixel_mm)
+        with autocast():
+            for mode in phases:
+                system(mode, x, m, gamma=gamma) if mode == "snet" else system(mode, x, m)
+        n += 1
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    return n
+
+
+def _save_averaged(averaged: WeightAverage, system: nn.Module, train_loader, phases, aug, gen, pixel_mm, gamma,
+                   device, autocast, val_loader, cfg: dict, history: list, path: Path) -> dict:
+    """Build, BatchNorm-recalibrate, validate and save ``checkpoints/averaged.pt``; returns its summary."""
+    last_state = {k: v.clone() for k, v in system.state_dict().items()}
+    averaged.load_into(system)
+    max_iters = cfg["train"]["max_iters"]
+    batches = recalibrate_batchnorm(system, train_loader, phases, aug, gen, pixel_mm, gamma, device, autocast,
+                                    None if max_iters is None else int(max_iters))
+    row = {"epochs_averaged": averaged.n, "bn_batches": batches}
+    if val_loader is not None:
+        row.update(validate(system, val_loader, device, autocast, cfg))
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": int(history[-1]["epoch"]), "config": cfg,
+                           "system": system.state_dict(), "history": history, "averaged": row})
+    log.info("averaged the last %d epochs into %s: %s", averaged.n, path,
+             " ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float)))
+    system.load_state_dict(last_state)
+    return row
+
+
+def write_summary(out: Path, cfg: dict, history: list, device: torch.device, averaged: Optional[dict] = None) -> dict:
+    """``summary.json``: the last and the best (validation slice DSC) epoch rows, device, config digest,
+    and the averaged checkpoint's row (``train.average_last``) when one was made in this call."""
     best = None
     for h in history:
         if h.get("val_dsc") is not None and (best is None or h["val_dsc"] >= best["val_dsc"]):
@@ -391,6 +489,7 @@ def write_summary(out: Path, cfg: dict, history: list, device: torch.device) -> 
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_seconds": round(sum(float(h.get("train_s", 0)) for h in history), 1),
         "last": history[-1] if history else None, "best": best,
+        **({"averaged": averaged} if averaged is not None else {}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
