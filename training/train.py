@@ -297,7 +297,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
     history: list = []
     start_epoch = 0
     epochs = int(tcfg["epochs"])
-    average_from = epochs - int(tcfg["average_last"]) if int(tcfg["average_last"]) > 0 else None
+    average_from = max(0, epochs - int(tcfg["average_last"])) if int(tcfg["average_last"]) > 0 else None
     averaged: Optional[WeightAverage] = None
     if state is not None:
         system.load_state_dict(state["system"])
@@ -389,9 +389,13 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
     if dd.main:
         summary_extra = None
         avg_path = out / "checkpoints" / "averaged.pt"
-        if averaged is not None and averaged.n == epochs - average_from and not avg_path.exists():
-            summary_extra = _save_averaged(averaged, system, train_loader, phases, aug, gen, pixel_mm, gamma, device,
-                                           autocast, val_loader, cfg, history, avg_path)
+        if average_from is not None and not avg_path.exists():
+            if averaged is not None and averaged.n == epochs - average_from:
+                summary_extra = _save_averaged(averaged, system, train_loader, phases, aug, gen, pixel_mm, gamma,
+                                               device, autocast, val_loader, cfg, history, avg_path)
+            else:  # e.g. average_last set on resuming a run that did not average its earlier epochs
+                log.warning("no %s: %d of the last %d epochs were averaged (train.average_last set after they ran?)",
+                            avg_path.name, averaged.n if averaged is not None else 0, epochs - average_from)
         write_summary(out, cfg, history, device, summary_extra)
     return last_row
 
