@@ -334,3 +334,44 @@ def test_evaluate_refuses_a_missing_averaged_checkpoint(trained):
 
     with pytest.raises(InputError, match="average_last"):
         load_run(trained["lsnet"], "averaged")
+
+
+def test_runs_of_one_fold_evaluate_and_export_as_their_ensemble(trained, tmp_path):
+    """``RUN_A+RUN_B`` in training.evaluate and several runs in training.export (lsnet.method.ensemble).
+    Two copies of one run average to that run: every metric equals the single run's."""
+    from lsnet.architectures import load_model
+    from lsnet.errors import WeightsError
+    from lsnet.method.ensemble import LSNetEnsemble
+    from training.evaluate import main as evaluate_main
+    from training.export import export
+
+    a = trained["lsnet"]
+    b = tmp_path / "copy"
+    shutil.copytree(a, b)
+    res = tmp_path / "res"
+    low = ["--mask-threshold", "0.05"]  # the 1-epoch model finds no RoI yet; S-Net in a box then segments
+    assert evaluate_main([str(a), f"{a}+{b}", "--out", str(res), "--checkpoint", "last"] + low) == 0
+    single, ens = _rows(res / "results.csv")
+    assert float(single["box_dsc"]) > 0
+    assert ens["label"] == f"{a.name[:-3]}_x2_f0" and ens["checkpoint"] == "last x2" and ens["fold"] == single["fold"]
+    for k in ("dsc", "box_dsc", "miou", "fp_slice_rate", "vol_dsc_pp"):
+        assert float(ens[k]) == pytest.approx(float(single[k]), abs=1e-4), k
+    # members that held out other patients are refused (their ensemble has no honest held-out set)
+    c = tmp_path / "other_fold"
+    shutil.copytree(a, c)
+    cfg = json.loads((c / "config.json").read_text())
+    cfg["data"]["fold"] = 1
+    (c / "config.json").write_text(json.dumps(cfg))
+    assert evaluate_main([f"{a}+{c}", "--out", str(tmp_path / "r2"), "--checkpoint", "last"]) == 2
+    # one weights file holding both members, listed on the card; a member may be an exported model
+    w = export([a, b], tmp_path / "ens.safetensors", which="last")
+    model, card = load_model(w)
+    assert isinstance(model, LSNetEnsemble) and card["config"]["ensemble"] == 2
+    assert [m["run"] for m in card["ensemble_members"]] == [str(a), str(b)]
+    one = export(a, tmp_path / "one.safetensors", which="last", dtype="float32")
+    model2, card2 = load_model(export([one, b], tmp_path / "ens2.safetensors", which="last", dtype="float32"))
+    assert card2["ensemble_members"][0]["weights"] == "one.safetensors" and card2["ensemble_members"][1]["run"] == str(b)
+    for k, v in model.state_dict().items():  # fp16 in, fp16 out: the same members
+        torch.testing.assert_close(model2.state_dict()[k].to(v.dtype), v, rtol=1e-3, atol=1e-3)
+    with pytest.raises(WeightsError, match="baseline"):
+        export([a, trained["unet"]], tmp_path / "bad.safetensors", which="last")

@@ -1,7 +1,7 @@
 """Evaluate trained runs (L-SNet or any baseline) the way the paper's tables report them.
 
-    python -m training.evaluate runs/lsnet_f0 runs/lsnet_f1 runs/unet_f0 ... --out results/ [--checkpoint best|last]
-        [--data datasets.json] [--device auto] [--label NAME=RUN ...]
+    python -m training.evaluate runs/lsnet_f0 runs/lsnet_f1 runs/unet_f0 ... --out results/ [--checkpoint best|last|averaged]
+        [--data datasets.json] [--device auto] [--shifts clean,res3mm,...] [NAME=RUN ...] [RUN_A+RUN_B ...]
 
 For every run folder (made by ``training.train``) the checkpoint is loaded and evaluated on that run's
 own validation patients (the fold in its ``config.json``; ``--data`` evaluates on other datasets
@@ -20,6 +20,9 @@ Metrics (definitions in ``training/metrics.py``):
 * the same volumes after the engine's volume step (``lsnet/postprocess.py``, small 3-D components dropped):
   ``vol_dsc_pp``, ``hd95_pp_mm``, and ``vol_fp_slice_rate`` / ``vol_fp_slice_rate_pp`` (false-positive
   slice rate over the volumes' slices without foreground, before / after the step).
+
+``RUN_A+RUN_B`` (L-SNet runs of the same fold, e.g. two seeds) evaluates their ensemble
+(``lsnet.method.ensemble``: mean heatmaps, box distances and mask probabilities; ours, not the paper).
 
 ``--split train`` evaluates each run on its own training patients instead (e.g. Table 4's "mIoU in
 training").
@@ -44,6 +47,7 @@ import numpy as np
 import torch
 
 from lsnet.errors import InputError, LSNetError
+from lsnet.method.ensemble import LSNetEnsemble
 
 from .augment import coarser_pixels, unit_correlated_noise
 from .cache import IMAGE_SCALE, CacheParams, SliceCache
@@ -58,7 +62,7 @@ log = logging.getLogger("training.evaluate")
 
 COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc",
            "dsc_sd", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
-           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "heatmap_threshold", "mask_threshold", "seconds", "run"]
+           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "heatmap_threshold", "mask_threshold", "min_fraction", "seconds", "run"]
 
 
 def load_weights_as_run(weights: Path, config_path: str, fold: int) -> tuple:
@@ -94,6 +98,51 @@ def load_run(run_dir: Path, which: str = "best") -> tuple:
         raise InputError(f"{run_dir} has no checkpoint (checkpoints/{which}.pt or last.pt)")
     state = load_checkpoint(ck)
     return cfg, state, ck.stem
+
+
+def evaluated_system(run: "Path | tuple | list", which: str) -> tuple:
+    """``(config, system with its weights loaded, checkpoint name, epoch)`` of a run folder, of an
+    exported model ``(weights, config.json, fold)`` or of a list of run folders (their ensemble)."""
+    if isinstance(run, list):
+        return ensemble_of_runs(run, which)
+    cfg, state, ck_name = load_weights_as_run(*run) if isinstance(run, tuple) else load_run(run, which)
+    system = build_system(cfg)
+    system.load_state_dict(state["system"])
+    return cfg, system, ck_name, int(state["epoch"])
+
+
+ENSEMBLE_SAME_KEYS = ("datasets", "folds", "fold", "split_seed")
+"""``data`` settings every member of an evaluated ensemble must share: the same held-out patients."""
+
+
+def ensemble_of_runs(run_dirs: list, which: str) -> tuple:
+    """L-SNet runs of one fold (e.g. several seeds) as one system whose model is their
+    :class:`~lsnet.method.ensemble.LSNetEnsemble`; refused when the runs hold out other patients,
+    are not L-SNet with RR, or have other model configurations."""
+    if len(run_dirs) < 2:
+        raise InputError("an ensemble needs at least two run folders (RUN_A+RUN_B)")
+    loaded = [load_run(Path(d), which) for d in run_dirs]
+    cfg0 = loaded[0][0]
+    systems = []
+    for d, (cfg, state, _) in zip(run_dirs, loaded):
+        if cfg["method"] != "lsnet" or cfg.get("lsnet", {}).get("roi_mode", "rr") != "rr":
+            raise InputError(f"{d}: only L-SNet runs (RoI recalibration) can be evaluated as an ensemble")
+        diff = [k for k in ENSEMBLE_SAME_KEYS if cfg["data"].get(k) != cfg0["data"].get(k)]
+        if diff:
+            raise InputError(f"{d} and {run_dirs[0]} differ in data.{', data.'.join(diff)}: an ensemble is "
+                             "evaluated on the patients all of its members held out")
+        system = build_system(cfg)
+        system.load_state_dict(state["system"])
+        systems.append(system)
+    try:
+        ensemble = LSNetEnsemble.from_models([s.model for s in systems])
+    except ValueError as e:
+        raise InputError(f"{' + '.join(map(str, run_dirs))}: {e}") from e
+    system = systems[0]
+    system.model = ensemble
+    cfg = dict(cfg0, model=ensemble.config.to_dict())
+    names = sorted({ck for _, _, ck in loaded})
+    return cfg, system, f"{'/'.join(names)} x{len(systems)}", min(int(s["epoch"]) for _, s, _ in loaded)
 
 
 SHIFTS = {
@@ -148,11 +197,12 @@ BOX_PROMPT_GROW_MM = 4.0
 
 @torch.no_grad()
 def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False,
-                    shift: str = "clean") -> dict:
-    """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases) under ``shift``."""
+                    shift: str = "clean", min_fraction: Optional[float] = None) -> dict:
+    """Metrics of ``system`` on the cached cases ``case_ids`` (whole canvases) under ``shift``;
+    ``min_fraction`` overrides the volume step's ``postprocess.MIN_FRACTION`` (calibration sweep)."""
     from lsnet.method.components import components
     from lsnet.pipeline.inference import box_prompt_predict
-    from lsnet.pipeline.postprocess import keep_large_components
+    from lsnet.pipeline.postprocess import MIN_FRACTION, keep_large_components
 
     system.eval()
     in_ch = system.mc.in_channels if hasattr(system, "mc") else system.config.in_channels
@@ -216,7 +266,7 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             sz = meta["spacing"][2] or 1.0
             gt = np.asarray(lab) > 0
             stepped = pred_vol.copy()
-            keep_large_components(stepped)
+            keep_large_components(stepped, MIN_FRACTION if min_fraction is None else float(min_fraction))
             per_volume[""].append(volume_scores(pred_vol, gt, (sz, sp, sp)))
             per_volume["_pp"].append(volume_scores(stepped, gt, (sz, sp, sp)))
     r = acc.result()
@@ -238,15 +288,14 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
                  thresholds: Optional[dict] = None) -> list:
     """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint; ``thresholds`` overrides
     the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) for a calibration sweep.
-    ``run_dir`` may also be ``(weights.safetensors, config.json, fold)`` (:func:`load_weights_as_run`)."""
-    cfg, state, ck_name = load_weights_as_run(*run_dir) if isinstance(run_dir, tuple) else load_run(run_dir, which)
-    system = build_system(cfg)
-    system.load_state_dict(state["system"])
+    ``run_dir`` may also be ``(weights.safetensors, config.json, fold)`` (:func:`load_weights_as_run`)
+    or a list of run folders of one fold, evaluated as their ensemble (:func:`ensemble_of_runs`)."""
+    cfg, system, ck_name, epoch = evaluated_system(run_dir, which)
     system.to(device)
     mc = model_config(cfg)
     model = getattr(system, "model", None)
     for key, value in (thresholds or {}).items():
-        if value is None:
+        if value is None or key == "min_fraction":
             continue
         if model is None or not hasattr(model, "config"):
             raise InputError(f"{run_dir}: {cfg['method']} has no {key} to override")
@@ -274,13 +323,15 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
     rows = []
     for shift in shifts:
         t0 = time.perf_counter()
-        r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp, shift)
+        r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp, shift,
+                            (thresholds or {}).get("min_fraction"))
         r.update({
-            "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": int(state["epoch"]),
+            "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": epoch,
             "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
             "split": split if data_specs is None else "data",
             "heatmap_threshold": getattr(getattr(model, "config", None), "heatmap_threshold", None),
             "mask_threshold": getattr(getattr(model, "config", None), "mask_threshold", None),
+            "min_fraction": (thresholds or {}).get("min_fraction"),
         })
         rows.append(r)
     return rows
@@ -350,7 +401,8 @@ def to_markdown(rows: list) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run folders written by training.train (LABEL=DIR to name one)")
+    ap.add_argument("runs", nargs="+", help="run folders written by training.train (LABEL=DIR to name one; "
+                    "DIR_A+DIR_B+... = the ensemble of several L-SNet runs of one fold, e.g. two seeds)")
     ap.add_argument("--out", required=True, help="folder for results.md and results.csv")
     ap.add_argument("--checkpoint", default="best", choices=["best", "last", "averaged"])
     ap.add_argument("--data", help="JSON list of dataset specs to evaluate on instead of each run's validation fold")
@@ -365,6 +417,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--weights-fold", type=int, default=0, help="with a .safetensors: the held-out fold (default 0)")
     ap.add_argument("--heatmap-threshold", type=float, help="override the L-Net heatmap threshold (calibration sweep)")
     ap.add_argument("--mask-threshold", type=float, help="override the S-Net mask threshold (calibration sweep)")
+    ap.add_argument("--min-fraction", type=float, help="override the volume step's component fraction "
+                    "(lsnet/pipeline/postprocess.py MIN_FRACTION; 1 = largest component only; calibration sweep)")
     ap.add_argument("--split", default="val", choices=["val", "train"],
                     help="evaluate on each run's validation patients (default) or on its training patients")
     args = ap.parse_args(argv)
@@ -381,11 +435,18 @@ def main(argv: Optional[list] = None) -> int:
             label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
             run_dir = Path(d)
             label = label or run_dir.name
-            if run_dir.suffix == ".safetensors":
+            if "+" in d:  # RUN_A+RUN_B+...: the ensemble of these runs of one fold
+                run_dir = [Path(p) for p in d.split("+")]
+                if "=" not in item:  # cv_s0_f2+cv_s1_f2 -> cv_s0_x2_f2 (grouped over folds as cv_s0_x2)
+                    head, _, tail = run_dir[0].name.rpartition("_f")
+                    n = len(run_dir)
+                    label = f"{head}_x{n}_f{tail}" if head and tail.isdigit() else f"{run_dir[0].name}_x{n}"
+            elif run_dir.suffix == ".safetensors":
                 if not args.weights_config:
                     raise InputError(f"{run_dir}: pass --weights-config (the data and split to evaluate the weights on)")
                 run_dir = (run_dir, args.weights_config, args.weights_fold)
-            thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold}
+            thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold,
+                          "min_fraction": args.min_fraction}
             for r in evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp,
                                   args.split, shifts, thresholds):
                 r["label"] = label

@@ -1,13 +1,14 @@
 """Export a training checkpoint to the engine's weights format (safetensors + JSON model card).
 
-    python -m training.export runs/lsnet_f0 -o LSNetSegmentation/Resources/Models/lsnet_pancreas.safetensors \
-        [--which best|last] [--name NAME] [--description TEXT] [--dtype float16|float32] [--metrics results.json]
+    python -m training.export runs/lsnet_f0 [runs/lsnet_seed1 ...] -o LSNetSegmentation/Resources/Models/lsnet_pancreas.safetensors \
+        [--which best|last|averaged] [--name NAME] [--description TEXT] [--dtype float16|float32] [--metrics results.json]
 
 ``runs/lsnet_f0`` is a ``training.train --out`` folder (or a checkpoint ``.pt`` inside it).  The card
 records the architecture config, the training configuration (data sets, split, schedule), the
 validation metrics of the exported epoch and, with ``--metrics``, any extra measured metrics (e.g. the
 per-patient evaluation of ``training.evaluate``).  Checkpoints are read with ``weights_only=True``:
-only tensors and plain containers, never code.
+only tensors and plain containers, never code.  Several L-SNet runs of one recipe (e.g. seeds) export
+as one file holding their ensemble (``lsnet.method.ensemble``, ours); the card lists the members.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from lsnet.architectures import load_model
 from lsnet.errors import LSNetError, WeightsError
 from lsnet.io.weights import save_model
+from lsnet.method.ensemble import LSNetEnsemble
 
 from .methods import build_system
 
@@ -37,8 +42,22 @@ def find_checkpoint(path: Path, which: str) -> Path:
     return ckpt
 
 
-def export(run: Path, out: Path, which: str = "best", name: str | None = None, description: str = "",
-           dtype: str = "float16", extra_metrics: dict | None = None) -> Path:
+@dataclass
+class Exportable:
+    """One network to export (or one member of an exported ensemble) and what its card says of it."""
+
+    model: nn.Module
+    """The engine network (``LSNet`` or a seed system's model)."""
+    method: str
+    training: dict
+    training_data: dict
+    metrics: dict
+    source: dict
+    """Where it came from: ``{"run", "checkpoint", "seed", "held_out_fold", "epochs_done"}`` or ``{"weights", "sha256", ...}``."""
+
+
+def from_run(run: Path, which: str) -> Exportable:
+    """A run folder's (or checkpoint's) network, from ``checkpoints/<which>.pt``."""
     ckpt = find_checkpoint(Path(run), which)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = state["config"]
@@ -49,32 +68,78 @@ def export(run: Path, out: Path, which: str = "best", name: str | None = None, d
         )
     system = build_system(cfg)
     system.load_state_dict(state["system"])
+    epochs = len(state.get("history", []))
+    return Exportable(
+        model=system.model, method=cfg["method"],
+        training={"method": cfg["method"], "train": cfg["train"], "lsnet": cfg.get("lsnet"), "augment": cfg.get("augment"),
+                  "crop": cfg["data"]["crop"], "checkpoint": ckpt.name, "epochs_done": epochs},
+        training_data={"datasets": cfg["data"]["datasets"],
+                       "split": {"folds": cfg["data"]["folds"], "held_out_fold": cfg["data"]["fold"], "seed": cfg["data"]["split_seed"]}},
+        metrics=validation_metrics(state),
+        source={"run": str(run), "checkpoint": ckpt.name, "seed": cfg["train"].get("seed"), "held_out_fold": cfg["data"]["fold"],
+                "epochs_done": epochs},
+    )
+
+
+def from_weights(path: Path) -> Exportable:
+    """An exported model (``.safetensors`` + card), e.g. an earlier bundled model joining an ensemble."""
+    model, card = load_model(path, device="cpu")
+    training = card.get("training") or {}
+    return Exportable(
+        model=model, method=model.config.architecture, training=training, training_data=card.get("training_data") or {},
+        metrics={k: v for k, v in (card.get("metrics") or {}).items() if k != "cv_estimate"},
+        source={"weights": Path(path).name, "sha256": card.get("sha256"), "name": card.get("name"),
+                "seed": (training.get("train") or {}).get("seed"), "epochs_done": training.get("epochs_done")},
+    )
+
+
+def validation_metrics(state: dict) -> dict:
+    """The validation metrics of a checkpoint's epoch (``val_*`` of its last history row) and the epoch."""
     row = state["history"][-1] if state.get("history") else {}
     metrics = {k: v for k, v in row.items() if k.startswith("val_") and v is not None}
     metrics["epoch"] = state.get("epoch")
+    return metrics
+
+
+def export(run, out: Path, which: str = "best", name: str | None = None, description: str = "",
+           dtype: str = "float16", extra_metrics: dict | None = None) -> Path:
+    """Write ``out`` (.safetensors + card) from one run folder / checkpoint, or from several L-SNet runs
+    (or exported ``.safetensors`` models) of one recipe as their ensemble (``lsnet.method.ensemble``;
+    ours): one file holding every member, the members listed on the card."""
+    sources = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
+    items = [from_weights(r) if r.suffix == ".safetensors" else from_run(r, which) for r in sources]
+    first = items[0]
+    model, metrics = first.model, dict(first.metrics)
+    if len(items) > 1:
+        if any(it.method != "lsnet" for it in items):
+            raise WeightsError("only L-SNet models can be exported as an ensemble")
+        try:
+            model = LSNetEnsemble.from_models([it.model for it in items])
+        except ValueError as e:
+            raise WeightsError(f"cannot join {', '.join(map(str, sources))}: {e}") from e
+        metrics = {}  # one member's validation is not the ensemble's
     if extra_metrics:
         metrics.update(extra_metrics)
     card = {
         "name": name or Path(out).stem,
         "description": description,
         "labels_note": "label 1 = pancreas (SNOMED CT 15776009)",
-        "training_data": {
-            "datasets": cfg["data"]["datasets"],
-            "split": {"folds": cfg["data"]["folds"], "held_out_fold": cfg["data"]["fold"], "seed": cfg["data"]["split_seed"]},
-        },
-        "training": {"method": cfg["method"], "train": cfg["train"], "lsnet": cfg.get("lsnet"), "augment": cfg.get("augment"),
-                     "crop": cfg["data"]["crop"], "checkpoint": ckpt.name, "epochs_done": len(state.get("history", []))},
+        "training_data": first.training_data,
+        "training": first.training,
         "metrics": metrics,
         "preprocessing": "canonical axial slices, HU window -> [0, 1], in-plane resampling to config.spacing / config.roi_source_factor mm, L-Net on that canvas average-pooled by roi_source_factor (lsnet/pipeline/preprocess.py, lsnet/pipeline/inference.py)",
         "exported": time.strftime("%Y-%m-%d"),
     }
-    system.model.eval()
-    return save_model(system.model, out, card, dtype=dtype)
+    if len(items) > 1:
+        card["ensemble_members"] = [dict(it.source, metrics=it.metrics) for it in items]
+    model.eval()
+    return save_model(model, out, card, dtype=dtype)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="training output folder or checkpoint .pt")
+    ap.add_argument("run", type=Path, nargs="+", help="training output folder or checkpoint .pt; several L-SNet runs "
+                    "(or exported .safetensors) of one recipe, e.g. seeds = one weights file holding their ensemble")
     ap.add_argument("-o", "--output", type=Path, required=True, help="target .safetensors (card written next to it)")
     ap.add_argument("--which", choices=["best", "last", "averaged"], default="best")
     ap.add_argument("--name")

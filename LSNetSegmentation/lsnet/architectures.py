@@ -8,7 +8,8 @@ the pipeline.  Importing it also registers DSMS U-Net as an S-Net structure
 
 Adding an architecture: a class with ``__init__(config)``, ``training_losses`` / ``predict_slices``
 (``lsnet.seeds.common``), one line in :data:`ARCHITECTURES`; its card then loads everywhere
-(CLI, Slicer module, ``lsnet.load_segmenter``, ``training.export``).
+(CLI, Slicer module, ``lsnet.load_segmenter``, ``training.export``).  An ``lsnet`` card with
+``ensemble > 1`` builds :class:`~lsnet.method.ensemble.LSNetEnsemble` (ours: several L-SNets averaged).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from lsnet.config import ModelConfig
 from lsnet.errors import WeightsError
 from lsnet.io.weights import checked_card, load_state_checked, read_tensors
+from lsnet.method.ensemble import LSNetEnsemble
 from lsnet.method.model import LSNet
 from lsnet.seeds.dsms_unet import DSMSUNetModel
 from lsnet.seeds.rpn_fcn import RPNFCN
@@ -44,6 +46,10 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
     """A freshly initialised network for ``config`` (``ValueError`` for an unknown architecture)."""
     if config.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {config.architecture!r}; known: {known_architectures()}")
+    if config.ensemble != 1:
+        if config.architecture != "lsnet":
+            raise ValueError(f"ensembles are built for lsnet models only, not {config.architecture!r}")
+        return LSNetEnsemble(config)
     return ARCHITECTURES[config.architecture](config)
 
 

@@ -71,6 +71,10 @@ class ModelConfig:
     1 = RR samples L-Net's own input (the paper).  At 2 mm a pancreas is ~30 x 15 px, which S-Net's
     128 px RoI would otherwise upsample ~4x from a blurred canvas; see docs/method.md."""
 
+    ensemble: int = 1
+    """*ours*: number of L-SNet members whose heatmaps, box distances and mask probabilities are
+    averaged at inference (``lsnet.method.ensemble``); 1 = one model (the paper)."""
+
     labels: list = field(default_factory=lambda: [{"value": 1, "name": "Pancreas", "snomed": "15776009"}])
 
     options: dict = field(default_factory=dict)

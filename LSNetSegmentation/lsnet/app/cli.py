@@ -304,6 +304,8 @@ def cmd_info(args) -> int:
         print(f"  {card['description']}")
     print(f"  architecture : {cfg.get('architecture')}  L-Net {cfg.get('lnet_backbone')} / S-Net {cfg.get('snet_backbone')} "
           f"{cfg.get('snet_structure')}, width {cfg.get('width')}, {cfg.get('in_channels')} input channel(s)")
+    if int(cfg.get("ensemble", 1) or 1) > 1:
+        print(f"  ensemble     : {cfg['ensemble']} members averaged (heatmaps, box distances, mask probabilities)")
     f = int(cfg.get("roi_source_factor", 1) or 1)
     source = f" sampled from a {float(cfg.get('spacing', 0)) / f:g} mm canvas" if f > 1 else ""
     print(f"  preprocessing: window {cfg.get('window')} HU, in-plane spacing {cfg.get('spacing')} mm, RoI {cfg.get('roi_size')} px{source}")
