@@ -356,6 +356,12 @@ def test_runs_of_one_fold_evaluate_and_export_as_their_ensemble(trained, tmp_pat
     assert ens["label"] == f"{a.name[:-3]}_x2_f0" and ens["checkpoint"] == "last x2" and ens["fold"] == single["fold"]
     for k in ("dsc", "box_dsc", "miou", "fp_slice_rate", "vol_dsc_pp"):
         assert float(ens[k]) == pytest.approx(float(single[k]), abs=1e-4), k
+    # the volume step's fraction sweep: largest component only keeps a subset of what 0.25 keeps
+    assert evaluate_main([str(a), "--out", str(tmp_path / "mf1"), "--checkpoint", "last", "--min-fraction", "1"] + low) == 0
+    (largest,) = _rows(tmp_path / "mf1" / "results.csv")
+    assert float(largest["min_fraction"]) == 1.0 and single["min_fraction"] == ""
+    assert float(largest["vol_fp_slice_rate_pp"]) <= float(single["vol_fp_slice_rate_pp"])
+    assert largest["dsc"] == single["dsc"]  # slices are scored before the volume step
     # members that held out other patients are refused (their ensemble has no honest held-out set)
     c = tmp_path / "other_fold"
     shutil.copytree(a, c)
