@@ -106,9 +106,14 @@ def evaluated_system(run: "Path | tuple | list", which: str) -> tuple:
     if isinstance(run, list):
         return ensemble_of_runs(run, which)
     cfg, state, ck_name = load_weights_as_run(*run) if isinstance(run, tuple) else load_run(run, which)
+    return cfg, loaded_system(cfg, state), ck_name, int(state["epoch"])
+
+
+def loaded_system(cfg: dict, state: dict):
+    """The system of ``cfg`` with the weights of the checkpoint ``state``."""
     system = build_system(cfg)
     system.load_state_dict(state["system"])
-    return cfg, system, ck_name, int(state["epoch"])
+    return system
 
 
 ENSEMBLE_SAME_KEYS = ("datasets", "folds", "fold", "split_seed")
@@ -131,9 +136,7 @@ def ensemble_of_runs(run_dirs: list, which: str) -> tuple:
         if diff:
             raise InputError(f"{d} and {run_dirs[0]} differ in data.{', data.'.join(diff)}: an ensemble is "
                              "evaluated on the patients all of its members held out")
-        system = build_system(cfg)
-        system.load_state_dict(state["system"])
-        systems.append(system)
+        systems.append(loaded_system(cfg, state))
     try:
         ensemble = LSNetEnsemble.from_models([s.model for s in systems])
     except ValueError as e:
@@ -285,9 +288,10 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
 
 def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Optional[list], batch_size: int,
                  cache_dir: Optional[str], amp: bool, split: str = "val", shifts: tuple = ("clean",),
-                 thresholds: Optional[dict] = None) -> list:
+                 thresholds: Optional[dict] = None, min_fraction: Optional[float] = None) -> list:
     """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint; ``thresholds`` overrides
-    the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) for a calibration sweep.
+    the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) and ``min_fraction``
+    the volume step's component fraction, for a calibration sweep.
     ``run_dir`` may also be ``(weights.safetensors, config.json, fold)`` (:func:`load_weights_as_run`)
     or a list of run folders of one fold, evaluated as their ensemble (:func:`ensemble_of_runs`)."""
     cfg, system, ck_name, epoch = evaluated_system(run_dir, which)
@@ -295,7 +299,7 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
     mc = model_config(cfg)
     model = getattr(system, "model", None)
     for key, value in (thresholds or {}).items():
-        if value is None or key == "min_fraction":
+        if value is None:
             continue
         if model is None or not hasattr(model, "config"):
             raise InputError(f"{run_dir}: {cfg['method']} has no {key} to override")
@@ -323,15 +327,14 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
     rows = []
     for shift in shifts:
         t0 = time.perf_counter()
-        r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp, shift,
-                            (thresholds or {}).get("min_fraction"))
+        r = evaluate_system(system, cache, [c.case_id for c in eval_cases], device, batch_size, amp, shift, min_fraction)
         r.update({
             "method": cfg["method"], "fold": cfg["data"]["fold"], "checkpoint": ck_name, "epoch": epoch,
             "patients": len({c.patient_id for c in eval_cases}), "seconds": round(time.perf_counter() - t0, 1),
             "split": split if data_specs is None else "data",
             "heatmap_threshold": getattr(getattr(model, "config", None), "heatmap_threshold", None),
             "mask_threshold": getattr(getattr(model, "config", None), "mask_threshold", None),
-            "min_fraction": (thresholds or {}).get("min_fraction"),
+            "min_fraction": min_fraction,
         })
         rows.append(r)
     return rows
@@ -438,17 +441,16 @@ def main(argv: Optional[list] = None) -> int:
             if "+" in d:  # RUN_A+RUN_B+...: the ensemble of these runs of one fold
                 run_dir = [Path(p) for p in d.split("+")]
                 if "=" not in item:  # cv_s0_f2+cv_s1_f2 -> cv_s0_x2_f2 (grouped over folds as cv_s0_x2)
-                    head, _, tail = run_dir[0].name.rpartition("_f")
-                    n = len(run_dir)
-                    label = f"{head}_x{n}_f{tail}" if head and tail.isdigit() else f"{run_dir[0].name}_x{n}"
+                    first = run_dir[0].name
+                    group = group_of(first)
+                    label = f"{group}_x{len(run_dir)}{first[len(group):]}"
             elif run_dir.suffix == ".safetensors":
                 if not args.weights_config:
                     raise InputError(f"{run_dir}: pass --weights-config (the data and split to evaluate the weights on)")
                 run_dir = (run_dir, args.weights_config, args.weights_fold)
-            thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold,
-                          "min_fraction": args.min_fraction}
+            thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold}
             for r in evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp,
-                                  args.split, shifts, thresholds):
+                                  args.split, shifts, thresholds, args.min_fraction):
                 r["label"] = label
                 r["run"] = str(d)
                 r["group"] = group_of(label)

@@ -99,12 +99,6 @@ class LSNetEnsemble(nn.Module):
                                  "only models of one recipe and canvas can be averaged")
         return cls(replace(models[0].config, ensemble=len(models)), list(models))
 
-    def member(self, i: int) -> LSNet:
-        """Member ``i`` as a plain ``LSNet`` (sharing this ensemble's modules)."""
-        m = LSNet(member_config(self.config))
-        m.lnet, m.snet = self.lnet.nets[i], self.snet.nets[i]
-        return m.eval() if not self.training else m
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, H, W)`` -> mean heatmap probabilities and mean T, as ``LSNet.forward``."""
         logits, T = self.lnet(images)
