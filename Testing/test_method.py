@@ -7,7 +7,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from lsnet.method.components import components, label_components
+from lsnet.method.components import components, label_by_propagation, label_components
 from lsnet.config import ModelConfig
 from lsnet.method.decode import decode, sample_topk_keypoints
 from lsnet.method.heatmap import targets_from_boxes, targets_from_masks
@@ -71,6 +71,19 @@ def test_components_match_scipy(seed):
     ref_boxes = sorted((b, s[1].start, s[0].start, s[1].stop, s[0].stop) for b in range(3) for s in objs[b])
     got = sorted((int(b), *map(int, bx)) for b, bx in zip(comp.batch.tolist(), comp.boxes.tolist()))
     assert got == ref_boxes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cpu_labels_equal_the_device_path_ids(seed):
+    """The CPU (scipy) path must give every pixel the very id the GPU path gives: the order of the
+    components, hence training and decoding, must not depend on the device."""
+    rng = np.random.default_rng(seed)
+    m = torch.from_numpy(ndi.binary_opening(rng.random((4, 37, 53)) > 0.55, structure=np.ones((1, 2, 2))))
+    m[1] = False  # an empty image among full ones
+    cpu = label_components(m)
+    assert cpu.dtype == torch.long and cpu.shape == m.shape
+    assert torch.equal(cpu, label_by_propagation(m))
+    assert int(cpu[1].abs().sum()) == 0
 
 
 def test_centre_cell_is_inside_a_curved_component():
