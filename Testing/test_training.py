@@ -381,3 +381,31 @@ def test_runs_of_one_fold_evaluate_and_export_as_their_ensemble(trained, tmp_pat
         torch.testing.assert_close(model2.state_dict()[k].to(v.dtype), v, rtol=1e-3, atol=1e-3)
     with pytest.raises(WeightsError, match="baseline"):
         export([a, trained["unet"]], tmp_path / "bad.safetensors", which="last")
+
+
+def test_real_columns_score_the_patients_without_the_phantoms(trained):
+    """``*_real``: the same metrics over the non-phantom cases only.  The tiny config holds phantoms
+    alone, so one held-out case is relabelled as a patient's volume: its ``*_real`` figures must equal
+    that case evaluated on its own, and the phantoms-only run must leave them empty."""
+    from training.cache import CacheParams, SliceCache
+    from training.config import model_config
+    from training.evaluate import evaluate_system, evaluated_system
+
+    cfg, system, _, _ = evaluated_system(trained["lsnet"], "last")
+    system.model.config.mask_threshold = 0.05  # the 1-epoch model: S-Net in a box segments, L-Net finds little
+    split = json.loads((Path(trained["lsnet"]) / "split.json").read_text())
+    cache = SliceCache(Path(cfg["data"]["cache_dir"]), CacheParams.from_model_config(model_config(cfg)))
+    cache.open(cache.case_ids())
+    ids = [cid for cid in cache.case_ids() if cache.patient_of(cid) in split["val_patients"]]
+    assert len(ids) >= 1
+    cpu = torch.device("cpu")
+    phantoms_only = evaluate_system(system, cache, ids, cpu)
+    assert phantoms_only["slices_fg_real"] == 0 and phantoms_only.get("dsc_real") is None
+    assert phantoms_only["vol_fp_slice_rate_pp_real"] is None
+    cache.metas[ids[0]]["kind"] = "volume"
+    mixed = evaluate_system(system, cache, ids, cpu)
+    alone = evaluate_system(system, cache, ids[:1], cpu)
+    assert mixed["dsc"] == pytest.approx(phantoms_only["dsc"])  # the all-cases figures do not change
+    assert mixed["slices_fg_real"] == alone["slices_fg"] > 0
+    for k in ("dsc", "precision", "recall", "box_dsc", "vol_dsc_pp"):
+        assert mixed[f"{k}_real"] == pytest.approx(alone[k]), k

@@ -4,7 +4,8 @@
 
 Reads a ``training.evaluate`` results.csv and writes, per input shift, the mean and sample SD over the
 group's folds of slice DSC, precision, recall, box-prompt DSC, L-Net box mIoU, the false-positive
-slice rate, and the volume figures before/after the volume step, in percent, with the fold count.
+slice rate, and the volume figures before/after the volume step, in percent, with the fold count;
+the same over the patients only (``*_real``: no synthetic phantom).
 Nothing is computed here that the CSV does not hold.
 """
 
@@ -20,7 +21,8 @@ from pathlib import Path
 from .evaluate import group_of
 
 KEYS = ("dsc", "precision", "recall", "box_dsc", "miou", "fp_slice_rate", "vol_dsc", "vol_dsc_pp",
-        "vol_fp_slice_rate", "vol_fp_slice_rate_pp")
+        "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "dsc_real", "precision_real", "recall_real", "box_dsc_real",
+        "miou_real", "fp_slice_rate_real", "vol_dsc_pp_real", "vol_fp_slice_rate_pp_real")
 
 
 def summarise(rows: list, group: str) -> dict:

@@ -19,7 +19,9 @@ Metrics (definitions in ``training/metrics.py``):
   the canvas grid with its physical spacing;
 * the same volumes after the engine's volume step (``lsnet/postprocess.py``, small 3-D components dropped):
   ``vol_dsc_pp``, ``hd95_pp_mm``, and ``vol_fp_slice_rate`` / ``vol_fp_slice_rate_pp`` (false-positive
-  slice rate over the volumes' slices without foreground, before / after the step).
+  slice rate over the volumes' slices without foreground, before / after the step);
+* every slice figure and the volume figures after the step again over the patients only, without the
+  synthetic phantoms that a config may add to the data (columns ``*_real``): the numbers about real CT.
 
 ``RUN_A+RUN_B`` (L-SNet runs of the same fold, e.g. two seeds) evaluates their ensemble
 (``lsnet.method.ensemble``: mean heatmaps, box distances and mask probabilities; ours, not the paper).
@@ -62,7 +64,9 @@ log = logging.getLogger("training.evaluate")
 
 COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc",
            "dsc_sd", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
-           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "heatmap_threshold", "mask_threshold", "min_fraction", "seconds", "run"]
+           "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "slices_fg_real", "slices_bg_real", "dsc_real", "precision_real",
+           "recall_real", "miou_real", "box_dsc_real", "fp_slice_rate_real", "vol_dsc_pp_real", "vol_fp_slice_rate_pp_real",
+           "heatmap_threshold", "mask_threshold", "min_fraction", "seconds", "run"]
 
 
 def load_weights_as_run(weights: Path, config_path: str, fold: int) -> tuple:
@@ -213,13 +217,19 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
     box_prompt = model is not None and hasattr(model, "snet") and getattr(system, "roi_mode", "rr") == "rr"
     sp = float(cache.params.spacing)
     mask_threshold = float(getattr(getattr(model, "config", None), "mask_threshold", 0.5))  # the engine's rule
-    acc = MeanAccumulator()
+    everything, real_only = MeanAccumulator(), MeanAccumulator()
     slice_dsc = []
-    per_volume = {"": [], "_pp": []}  # volume_scores of every volume, before / after the volume step
-    n_fg = n_bg = 0
+    per_volume = {"": [], "_pp": []}  # (real?, volume_scores) of every volume, before / after the volume step
+    n_fg = n_bg = n_fg_real = n_bg_real = 0
     for ci, cid in enumerate(case_ids):
         img, lab = cache.arrays(cid)
         meta = cache.metas[cid]
+        real = meta.get("kind") != "phantom"  # the *_real columns: patients only, no synthetic phantom
+        accs = (everything, real_only) if real else (everything,)
+
+        def add(name: str, values) -> None:
+            for a in accs:
+                a.add(name, values)
         K = img.shape[0]
         contiguous = meta["contiguous"] and K > 1
         pred_vol = np.zeros(lab.shape, dtype=np.uint8) if contiguous else None
@@ -248,21 +258,23 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
                 out = system.predict(xt)
             pred = out["prob"].float() > mask_threshold
             s = slice_scores(pred, mt)
-            acc.add("dsc", s["dsc"])
+            add("dsc", s["dsc"])
             slice_dsc.extend(v for v in s["dsc"].tolist() if not math.isnan(v))
-            acc.add("precision", s["precision"])
-            acc.add("recall", s["recall"])
-            acc.add("fp_slice_rate", s["pred_any"][~s["gt_any"]].float())
-            n_fg += int(s["gt_any"].sum())
-            n_bg += int((~s["gt_any"]).sum())
+            add("precision", s["precision"])
+            add("recall", s["recall"])
+            add("fp_slice_rate", s["pred_any"][~s["gt_any"]].float())
+            fg, bg = int(s["gt_any"].sum()), int((~s["gt_any"]).sum())
+            n_fg, n_bg = n_fg + fg, n_bg + bg
+            if real:
+                n_fg_real, n_bg_real = n_fg_real + fg, n_bg_real + bg
             if "boxes" in out:
                 comp = components(mt)
-                acc.add("miou", object_best_ious(comp.boxes, comp.batch, out["boxes"], out["box_batch"]))
+                add("miou", object_best_ious(comp.boxes, comp.batch, out["boxes"], out["box_batch"]))
             if box_prompt and bool(s["gt_any"].any()):
                 boxes, bidx = prompt_boxes_of(mt, BOX_PROMPT_GROW_MM / sp)
                 with ctx:
                     pb = box_prompt_predict(model, xt, boxes, bidx) > mask_threshold
-                acc.add("box_dsc", slice_scores(pb, mt)["dsc"])
+                add("box_dsc", slice_scores(pb, mt)["dsc"])
             if pred_vol is not None:
                 pred_vol[k0 : ks[-1] + 1] = pred.cpu().numpy()
         if pred_vol is not None:
@@ -270,19 +282,22 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             gt = np.asarray(lab) > 0
             stepped = pred_vol.copy()
             keep_large_components(stepped, MIN_FRACTION if min_fraction is None else float(min_fraction))
-            per_volume[""].append(volume_scores(pred_vol, gt, (sz, sp, sp)))
-            per_volume["_pp"].append(volume_scores(stepped, gt, (sz, sp, sp)))
-    r = acc.result()
+            per_volume[""].append((real, volume_scores(pred_vol, gt, (sz, sp, sp))))
+            per_volume["_pp"].append((real, volume_scores(stepped, gt, (sz, sp, sp))))
+    r = everything.result()
+    r.update({f"{k}_real": v for k, v in real_only.result().items()})
     r["dsc_sd"] = float(np.std(slice_dsc, ddof=1)) if len(slice_dsc) > 1 else None
     r["slices_fg"], r["slices_bg"] = n_fg, n_bg
+    r["slices_fg_real"], r["slices_bg_real"] = n_fg_real, n_bg_real
     r["volumes"] = len(per_volume[""])
     r["shift"] = shift
-    for suffix, scores in per_volume.items():  # means over volumes; FP-slice rate over all their slices
-        for key, name in (("vol_dsc", f"vol_dsc{suffix}"), ("hd95_mm", f"hd95{suffix}_mm")):
-            values = [s[key] for s in scores]
-            r[name] = float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None
-        bg = sum(s["bg_slices"] for s in scores)
-        r[f"vol_fp_slice_rate{suffix}"] = sum(s["fp_slices"] for s in scores) / bg if bg else None
+    for suffix, tagged in per_volume.items():  # means over volumes; FP-slice rate over all their slices
+        for tail, scores in (("", [v for _, v in tagged]), ("_real", [v for real, v in tagged if real])):
+            for key, name in (("vol_dsc", f"vol_dsc{suffix}"), ("hd95_mm", f"hd95{suffix}_mm")):
+                values = [s[key] for s in scores]
+                r[name + tail] = float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None
+            bg = sum(s["bg_slices"] for s in scores)
+            r[f"vol_fp_slice_rate{suffix}{tail}"] = sum(s["fp_slices"] for s in scores) / bg if bg else None
     return r
 
 
@@ -388,6 +403,15 @@ def to_markdown(rows: list) -> str:
             cells = []
             for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
                 v = [x[k] for x in g if x.get(k) is not None]
+                cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
+            lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")
+        lines += ["", "The same over the patients only (no synthetic phantom among the held-out cases):", "",
+                  "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | FP-slice % | "
+                  "volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (name, shift), g in groups.items():
+            cells = []
+            for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
+                v = [x[f"{k}_real"] for x in g if x.get(f"{k}_real") is not None]
                 cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
             lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")
     vol_rows = [r for r in rows if r.get("volumes")]
