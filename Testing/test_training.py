@@ -409,3 +409,19 @@ def test_real_columns_score_the_patients_without_the_phantoms(trained):
     assert mixed["slices_fg_real"] == alone["slices_fg"] > 0
     for k in ("dsc", "precision", "recall", "box_dsc", "vol_dsc_pp"):
         assert mixed[f"{k}_real"] == pytest.approx(alone[k]), k
+
+
+def test_evaluate_roi_zooms_override(trained, tmp_path, capsys):
+    from training.evaluate import main as evaluate_main
+
+    a = str(trained["lsnet"])
+    low = ["--checkpoint", "last", "--mask-threshold", "0.05"]
+    assert evaluate_main([a, "--out", str(tmp_path / "one")] + low) == 0
+    assert evaluate_main([a, "--out", str(tmp_path / "two"), "--roi-zooms", "1,1"] + low) == 0
+    assert evaluate_main([a, "--out", str(tmp_path / "tta"), "--roi-zooms", "0.8,1.25"] + low) == 0
+    (one,), (two,), (tta,) = (_rows(tmp_path / d / "results.csv") for d in ("one", "two", "tta"))
+    assert one["roi_zooms"] == "1" and two["roi_zooms"] == "1 1" and tta["roi_zooms"] == "0.8 1.25"
+    assert float(two["box_dsc"]) == pytest.approx(float(one["box_dsc"]), abs=1e-6)  # (1, 1) = one RoI
+    assert tta["box_dsc"] != one["box_dsc"]
+    assert evaluate_main([a, "--out", str(tmp_path / "bad"), "--roi-zooms", "0,1"]) == 2
+    assert "positive" in capsys.readouterr().err

@@ -66,7 +66,7 @@ COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "
            "dsc_sd", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
            "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "slices_fg_real", "slices_bg_real", "dsc_real", "precision_real",
            "recall_real", "miou_real", "box_dsc_real", "fp_slice_rate_real", "vol_dsc_pp_real", "vol_fp_slice_rate_pp_real",
-           "heatmap_threshold", "mask_threshold", "min_fraction", "seconds", "run"]
+           "heatmap_threshold", "mask_threshold", "min_fraction", "roi_zooms", "seconds", "run"]
 
 
 def load_weights_as_run(weights: Path, config_path: str, fold: int) -> tuple:
@@ -303,10 +303,12 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
 
 def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Optional[list], batch_size: int,
                  cache_dir: Optional[str], amp: bool, split: str = "val", shifts: tuple = ("clean",),
-                 thresholds: Optional[dict] = None, min_fraction: Optional[float] = None) -> list:
+                 thresholds: Optional[dict] = None, min_fraction: Optional[float] = None,
+                 roi_zooms: Optional[tuple] = None) -> list:
     """One row of metrics per shift (:data:`SHIFTS`) for the run's checkpoint; ``thresholds`` overrides
     the model's decision thresholds (``heatmap_threshold``, ``mask_threshold``) and ``min_fraction``
-    the volume step's component fraction, for a calibration sweep.
+    the volume step's component fraction, for a calibration sweep; ``roi_zooms`` the S-Net test-time
+    zooms (``ModelConfig.roi_zooms``).
     ``run_dir`` may also be ``(weights.safetensors, config.json, fold)`` (:func:`load_weights_as_run`)
     or a list of run folders of one fold, evaluated as their ensemble (:func:`ensemble_of_runs`)."""
     cfg, system, ck_name, epoch = evaluated_system(run_dir, which)
@@ -319,6 +321,10 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
         if model is None or not hasattr(model, "config"):
             raise InputError(f"{run_dir}: {cfg['method']} has no {key} to override")
         setattr(model.config, key, float(value))
+    if roi_zooms is not None:
+        if model is None or not hasattr(model.config, "roi_zooms"):
+            raise InputError(f"{run_dir}: {cfg['method']} has no S-Net RoIs to zoom")
+        model.config.roi_zooms = tuple(float(z) for z in roi_zooms)
     cache = SliceCache(Path(cache_dir or cfg["data"]["cache_dir"]), CacheParams.from_model_config(mc))
     if data_specs is not None:
         eval_cases = cases_from_specs(data_specs)
@@ -350,6 +356,7 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
             "heatmap_threshold": getattr(getattr(model, "config", None), "heatmap_threshold", None),
             "mask_threshold": getattr(getattr(model, "config", None), "mask_threshold", None),
             "min_fraction": min_fraction,
+            "roi_zooms": " ".join(f"{z:g}" for z in getattr(getattr(model, "config", None), "roi_zooms", ())) or None,
         })
         rows.append(r)
     return rows
@@ -446,6 +453,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--mask-threshold", type=float, help="override the S-Net mask threshold (calibration sweep)")
     ap.add_argument("--min-fraction", type=float, help="override the volume step's component fraction "
                     "(lsnet/pipeline/postprocess.py MIN_FRACTION; 1 = largest component only; calibration sweep)")
+    ap.add_argument("--roi-zooms", help="comma-separated S-Net test-time zoom factors, e.g. 0.9,1,1.1 "
+                    "(ModelConfig.roi_zooms; overrides the model's)")
     ap.add_argument("--split", default="val", choices=["val", "train"],
                     help="evaluate on each run's validation patients (default) or on its training patients")
     args = ap.parse_args(argv)
@@ -457,6 +466,14 @@ def main(argv: Optional[list] = None) -> int:
         bad = [s for s in shifts if s not in SHIFTS]
         if bad:
             raise InputError(f"unknown shift(s) {', '.join(bad)}; known: {', '.join(SHIFTS)}")
+        zooms = None
+        if args.roi_zooms:
+            try:
+                zooms = tuple(float(z) for z in args.roi_zooms.split(",") if z.strip())
+            except ValueError:
+                raise InputError(f"--roi-zooms wants numbers like 0.9,1,1.1, not {args.roi_zooms!r}") from None
+            if not zooms or min(zooms) <= 0:
+                raise InputError(f"--roi-zooms wants positive factors, not {args.roi_zooms!r}")
         rows = []
         for item in args.runs:
             label, _, d = item.rpartition("=") if "=" in item else ("", "", item)
@@ -474,7 +491,7 @@ def main(argv: Optional[list] = None) -> int:
                 run_dir = (run_dir, args.weights_config, args.weights_fold)
             thresholds = {"heatmap_threshold": args.heatmap_threshold, "mask_threshold": args.mask_threshold}
             for r in evaluate_run(run_dir, args.checkpoint, device, specs, args.batch_size, args.cache_dir, args.amp,
-                                  args.split, shifts, thresholds, args.min_fraction):
+                                  args.split, shifts, thresholds, args.min_fraction, zooms):
                 r["label"] = label
                 r["run"] = str(d)
                 r["group"] = group_of(label)

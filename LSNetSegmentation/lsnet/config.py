@@ -71,6 +71,13 @@ class ModelConfig:
     1 = RR samples L-Net's own input (the paper).  At 2 mm a pancreas is ~30 x 15 px, which S-Net's
     128 px RoI would otherwise upsample ~4x from a blurred canvas; see docs/method.md."""
 
+    roi_zooms: tuple = (1.0,)
+    """*ours*: test-time augmentation of S-Net over zoomed RoIs.  Every RoI is also sampled with its
+    theta's scales multiplied by each factor (same centre; > 1 = more context), S-Net segments each, each
+    probability goes back with its own theta^-1, and the RoI's probability is their mean (before the
+    max over a slice's RoIs and the mask threshold).  Inference only (L-Net RoIs and user boxes alike);
+    ``(1.0,)`` = one RoI as in the paper."""
+
     ensemble: int = 1
     """*ours*: number of L-SNet members whose heatmaps, box distances and mask probabilities are
     averaged at inference (``lsnet.method.ensemble``); 1 = one model (the paper)."""
@@ -90,6 +97,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["window"] = list(self.window)
+        d["roi_zooms"] = list(self.roi_zooms)
         return d
 
     @classmethod
@@ -101,4 +109,8 @@ class ModelConfig:
         d = dict(d)
         if "window" in d:
             d["window"] = tuple(float(v) for v in d["window"])
+        if "roi_zooms" in d:
+            d["roi_zooms"] = tuple(float(v) for v in d["roi_zooms"])
+            if not d["roi_zooms"] or min(d["roi_zooms"]) <= 0:
+                raise ValueError(f"roi_zooms must be positive factors, e.g. [1.0]; got {list(d['roi_zooms'])}")
         return cls(**d)

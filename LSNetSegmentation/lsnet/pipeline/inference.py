@@ -113,12 +113,25 @@ def lsnet_predict(model, x: torch.Tensor, out_hw=None, scale=(1.0, 1.0), autocas
 def snet_on_rois(model, x: torch.Tensor, theta: torch.Tensor, batch: torch.Tensor, out_hw: tuple, scale=(1.0, 1.0),
                  autocast=nullcontext) -> torch.Tensor:
     """RR (Eqs. 2-3) of the RoIs ``theta`` ``(N, 2, 3)`` from ``x[batch]``, S-Net, theta^-1 (Eq. 4) into
-    ``out_hw``, max over the RoIs of each slice -> probability ``(B, H', W')`` (B = ``x.shape[0]``)."""
+    ``out_hw``, max over the RoIs of each slice -> probability ``(B, H', W')`` (B = ``x.shape[0]``).
+
+    With ``config.roi_zooms`` other than ``(1.0,)`` (ours, test-time augmentation) each RoI is sampled
+    once per zoom factor (theta's scales times the factor, same centre), and its pasted-back
+    probabilities are averaged before the max over RoIs."""
     c = model.config
-    roi = recalibrate(x[batch], theta, (c.roi_size, c.roi_size))
+    zooms = tuple(getattr(c, "roi_zooms", (1.0,)))
+    n = theta.shape[0]
+    if zooms != (1.0,):
+        z = torch.tensor(zooms, dtype=theta.dtype, device=theta.device).repeat_interleave(n)
+        theta = theta.repeat(len(zooms), 1, 1)
+        theta[:, 0, 0] = theta[:, 0, 0] * z
+        theta[:, 1, 1] = theta[:, 1, 1] * z
+    roi = recalibrate(x[batch.repeat(len(zooms))], theta, (c.roi_size, c.roi_size))
     with autocast():
         m = model.snet(roi)
     pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
+    if len(zooms) > 1:
+        pasted = pasted.view(len(zooms), n, *pasted.shape[-2:]).mean(0)
     return merge_max(pasted, batch, x.shape[0])
 
 
