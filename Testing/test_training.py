@@ -381,6 +381,12 @@ def test_runs_of_one_fold_evaluate_and_export_as_their_ensemble(trained, tmp_pat
         torch.testing.assert_close(model2.state_dict()[k].to(v.dtype), v, rtol=1e-3, atol=1e-3)
     with pytest.raises(WeightsError, match="baseline"):
         export([a, trained["unet"]], tmp_path / "bad.safetensors", which="last")
+    # an exported ensemble exported again with new figures (a new cv_estimate): same tensors, members kept
+    again = export(w, tmp_path / "again.safetensors", extra_metrics={"cv_estimate": {"by_shift": {}}})
+    model3, card3 = load_model(again)
+    assert card3["ensemble_members"] == card["ensemble_members"] and card3["metrics"]["cv_estimate"] == {"by_shift": {}}
+    for k, v in model.state_dict().items():
+        assert torch.equal(model3.state_dict()[k], v), k
 
 
 def test_real_columns_score_the_patients_without_the_phantoms(trained):

@@ -54,6 +54,8 @@ class Exportable:
     metrics: dict
     source: dict
     """Where it came from: ``{"run", "checkpoint", "seed", "held_out_fold", "epochs_done"}`` or ``{"weights", "sha256", ...}``."""
+    members: list | None = None
+    """An exported ensemble's ``ensemble_members`` (kept when it is exported again, e.g. with new metrics)."""
 
 
 def from_run(run: Path, which: str) -> Exportable:
@@ -90,6 +92,7 @@ def from_weights(path: Path) -> Exportable:
         metrics={k: v for k, v in (card.get("metrics") or {}).items() if k != "cv_estimate"},
         source={"weights": Path(path).name, "sha256": card.get("sha256"), "name": card.get("name"),
                 "seed": (training.get("train") or {}).get("seed"), "epochs_done": training.get("epochs_done")},
+        members=card.get("ensemble_members"),
     )
 
 
@@ -132,6 +135,8 @@ def export(run, out: Path, which: str = "best", name: str | None = None, descrip
     }
     if len(items) > 1:
         card["ensemble_members"] = [dict(it.source, metrics=it.metrics) for it in items]
+    elif first.members:  # an exported ensemble again (e.g. a new cv_estimate): its members stay listed
+        card["ensemble_members"] = first.members
     model.eval()
     return save_model(model, out, card, dtype=dtype)
 
