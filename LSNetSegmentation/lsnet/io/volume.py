@@ -9,8 +9,11 @@ raises :class:`lsnet.errors.InputError` with a message that says what to do.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -281,20 +284,20 @@ def _read_sitk(path: Path):
 def _nifti_expected_bytes(header: bytes) -> Optional[int]:
     """``vox_offset + voxel bytes`` of a single-file NIfTI-1/-2 header, or None when it cannot be parsed.
 
-    The version is told by the magic string (``n+1`` at byte 344, ``n+2`` at byte 4) -- ITK does the
-    same and ignores a damaged ``sizeof_hdr`` -- and the byte order by ``dim[0]`` lying in 1..7."""
-    import struct
-
-    if len(header) >= 348 and header[344:348] == b"n+1\0":
-        order = "<" if 1 <= struct.unpack("<h", header[40:42])[0] <= 7 else ">"
-        dims = struct.unpack(order + "8h", header[40:56])
-        bitpix = struct.unpack(order + "h", header[72:74])[0]
-        offset = struct.unpack(order + "f", header[108:112])[0]
-    elif len(header) >= 540 and header[4:8] == b"n+2\0":
+    NIfTI-2 is told by its magic string (``n+2`` at byte 4); every other header of >= 348 bytes is read
+    with the NIfTI-1 layout, ``n+1`` at byte 344 or not: without that magic ITK reads the file as
+    Analyze 7.5, whose dim, bitpix and vox_offset fields lie at the same bytes.  ITK ignores a damaged
+    ``sizeof_hdr``, and so does this; the byte order is told by ``dim[0]`` lying in 1..7."""
+    if len(header) >= 540 and header[4:8] == b"n+2\0":
         order = "<" if 1 <= struct.unpack("<q", header[16:24])[0] <= 7 else ">"
         bitpix = struct.unpack(order + "h", header[14:16])[0]
         dims = struct.unpack(order + "8q", header[16:80])
         offset = struct.unpack(order + "q", header[168:176])[0]
+    elif len(header) >= 348:
+        order = "<" if 1 <= struct.unpack("<h", header[40:42])[0] <= 7 else ">"
+        dims = struct.unpack(order + "8h", header[40:56])
+        bitpix = struct.unpack(order + "h", header[72:74])[0]
+        offset = struct.unpack(order + "f", header[108:112])[0]
     else:
         return None
     ndim = dims[0]
@@ -306,18 +309,13 @@ def _nifti_expected_bytes(header: bytes) -> Optional[int]:
 def _check_nifti_complete(path: Path) -> None:
     """Raise :class:`InputError` when a (gzipped) NIfTI file holds fewer bytes than its header promises.
 
-    A ``.nii`` is checked by its size; a ``.nii.gz`` is decompressed once, streaming (a cut gzip
-    stream is an error by itself)."""
-    import gzip
-    import zlib
-
+    A ``.nii`` is checked by its size.  A ``.nii.gz`` is decompressed once, streaming, to its end
+    whatever its header says: a cut gzip stream is an error by itself (even where a damaged header
+    leaves the size unknown, which ITK would otherwise read as an Analyze file padded with garbage)."""
     gz = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             header = f.read(540)
-            expected = _nifti_expected_bytes(header)
-            if expected is None:
-                return  # not parseable here: leave the verdict to ITK
             if gz:
                 total = len(header)
                 while True:
@@ -329,10 +327,11 @@ def _check_nifti_complete(path: Path) -> None:
                 total = path.stat().st_size
     except (EOFError, OSError, zlib.error) as e:
         raise InputError(f"{path} is truncated or corrupt ({e}); copy or export the file again.") from e
-    if total < expected:
+    expected = _nifti_expected_bytes(header)
+    if expected is not None and total < expected:
         raise InputError(
-            f"{path} is truncated: its header announces {expected} bytes of data and header, the file holds {total}. "
-            "Copy or export the file again."
+            f"{path} is truncated or its header is damaged: the header announces {expected} bytes of data and "
+            f"header, the file holds {total}. Copy or export the file again."
         )
 
 
