@@ -431,3 +431,16 @@ def test_evaluate_roi_zooms_override(trained, tmp_path, capsys):
     assert tta["box_dsc"] != one["box_dsc"]
     assert evaluate_main([a, "--out", str(tmp_path / "bad"), "--roi-zooms", "0,1"]) == 2
     assert "positive" in capsys.readouterr().err
+
+
+def test_markdown_summaries_over_folds_and_over_the_patients_only():
+    from training.evaluate import to_markdown
+
+    def row(fold, dsc, dsc_real):
+        return {"label": f"g_f{fold}", "group": "g", "shift": "clean", "method": "lsnet", "fold": fold, "checkpoint": "last",
+                "epoch": 39, "patients": 3, "slices_fg": 10, "slices_bg": 2, "dsc": dsc, "dsc_sd": 0.1, "dsc_real": dsc_real}
+
+    md = to_markdown([row(0, 0.5, 0.6), row(1, 0.7, 0.8)])
+    over_folds, over_patients = md.split("Mean +- SD over runs (folds):")[1].split("over the patients only")
+    assert "| g | clean | 2 | 60.00 +- 14.14 |" in over_folds
+    assert "| g | clean | 2 | 70.00 +- 14.14 |" in over_patients

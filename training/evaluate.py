@@ -403,24 +403,17 @@ def to_markdown(rows: list) -> str:
     for r in rows:
         groups.setdefault((r["group"], r.get("shift", "clean")), []).append(r)
     if any(len(g) > 1 for g in groups.values()):
-        lines += ["", "Mean +- SD over runs (folds):", "",
-                  "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | FP-slice % | "
-                  "volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (name, shift), g in groups.items():
-            cells = []
-            for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
-                v = [x[k] for x in g if x.get(k) is not None]
-                cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
-            lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")
-        lines += ["", "The same over the patients only (no synthetic phantom among the held-out cases):", "",
-                  "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | FP-slice % | "
-                  "volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (name, shift), g in groups.items():
-            cells = []
-            for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
-                v = [x[f"{k}_real"] for x in g if x.get(f"{k}_real") is not None]
-                cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
-            lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")
+        for title, suffix in (("Mean +- SD over runs (folds):", ""),
+                              ("The same over the patients only (no synthetic phantom among the held-out cases):", "_real")):
+            lines += ["", title, "",
+                      "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | FP-slice % | "
+                      "volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for (name, shift), g in groups.items():
+                cells = []
+                for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
+                    v = [x[k + suffix] for x in g if x.get(k + suffix) is not None]
+                    cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
+                lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")
     vol_rows = [r for r in rows if r.get("volumes")]
     if vol_rows:
         lines += ["", "Volumes, before -> after the volume step (lsnet/pipeline/postprocess.py: small 3-D components dropped):", "",
