@@ -387,6 +387,16 @@ def test_runs_of_one_fold_evaluate_and_export_as_their_ensemble(trained, tmp_pat
     assert card3["ensemble_members"] == card["ensemble_members"] and card3["metrics"]["cv_estimate"] == {"by_shift": {}}
     for k, v in model.state_dict().items():
         assert torch.equal(model3.state_dict()[k], v), k
+    # decision thresholds chosen by training.calibrate go on the card's config; the tensors stay
+    tuned = export(w, tmp_path / "tuned.safetensors", thresholds={"mask_threshold": 0.4, "heatmap_threshold": None})
+    model4, card4 = load_model(tuned)
+    assert model4.config.mask_threshold == 0.4 and card4["config"]["mask_threshold"] == 0.4
+    assert card4["config"]["heatmap_threshold"] == card["config"]["heatmap_threshold"] == 0.5
+    assert all(torch.equal(model4.state_dict()[k], v) for k, v in model.state_dict().items())
+    for bad in ({"mask_threshold": 1.0}, {"mask_threshold": 0.0}, {"box_threshold": 0.3}):
+        with pytest.raises(WeightsError, match="between 0 and 1|no decision threshold"):
+            export(w, tmp_path / "bad_threshold.safetensors", thresholds=bad)
+    assert not (tmp_path / "bad_threshold.safetensors").exists()
 
 
 def test_real_columns_score_the_patients_without_the_phantoms(trained):

@@ -105,10 +105,12 @@ def validation_metrics(state: dict) -> dict:
 
 
 def export(run, out: Path, which: str = "best", name: str | None = None, description: str = "",
-           dtype: str = "float16", extra_metrics: dict | None = None) -> Path:
+           dtype: str = "float16", extra_metrics: dict | None = None, thresholds: dict | None = None) -> Path:
     """Write ``out`` (.safetensors + card) from one run folder / checkpoint, or from several L-SNet runs
     (or exported ``.safetensors`` models) of one recipe as their ensemble (``lsnet.method.ensemble``;
-    ours): one file holding every member, the members listed on the card."""
+    ours): one file holding every member, the members listed on the card.  ``thresholds``
+    (``{"mask_threshold": 0.4}``, ``heatmap_threshold``; None = keep) sets the model's decision
+    thresholds, e.g. values chosen by ``training.calibrate``; the tensors are not touched."""
     sources = [Path(r) for r in (run if isinstance(run, (list, tuple)) else [run])]
     items = [from_weights(r) if r.suffix == ".safetensors" else from_run(r, which) for r in sources]
     first = items[0]
@@ -123,6 +125,14 @@ def export(run, out: Path, which: str = "best", name: str | None = None, descrip
         metrics = {}  # one member's validation is not the ensemble's
     if extra_metrics:
         metrics.update(extra_metrics)
+    for key, value in (thresholds or {}).items():
+        if value is None:
+            continue
+        if key not in ("mask_threshold", "heatmap_threshold") or not hasattr(model.config, key):
+            raise WeightsError(f"{first.method} models have no decision threshold {key!r}")
+        if not 0.0 < float(value) < 1.0:
+            raise WeightsError(f"{key} must lie strictly between 0 and 1 (a probability), not {value}")
+        setattr(model.config, key, float(value))
     card = {
         "name": name or Path(out).stem,
         "description": description,
@@ -151,13 +161,16 @@ def main(argv=None) -> int:
     ap.add_argument("--description", default="")
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     ap.add_argument("--metrics", type=Path, help="JSON of extra measured metrics to put on the card")
+    ap.add_argument("--mask-threshold", type=float, help="S-Net probability -> mask (default: keep the model's)")
+    ap.add_argument("--heatmap-threshold", type=float, help="L-Net heatmap threshold (default: keep the model's)")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
     try:
         if a.output.with_suffix(".safetensors").exists() and not a.overwrite:
             raise LSNetError(f"{a.output} exists; pass --overwrite to replace it")
         extra = json.loads(a.metrics.read_text()) if a.metrics else None
-        path = export(a.run, a.output, a.which, a.name, a.description, a.dtype, extra)
+        path = export(a.run, a.output, a.which, a.name, a.description, a.dtype, extra,
+                      {"mask_threshold": a.mask_threshold, "heatmap_threshold": a.heatmap_threshold})
     except LSNetError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
