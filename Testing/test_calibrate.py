@@ -44,6 +44,8 @@ def test_other_groups_and_shifts_are_ignored_and_conflicts_refused():
     rows = _rows(SESSION8) + _rows({0.4: (0.1,) * 4}, group="cv_s1") + _rows({0.4: (0.2,) * 4}, shift="lowdose3mm")
     table = sweep_table(rows, "cv_s0_x2", "mask_threshold")
     assert sorted(table) == [0.4, 0.5, 0.6] and table[0.4][2]["dsc_real"] == "0.6105"
+    again = _rows(SESSION8) + [dict(_rows(SESSION8)[0], seconds="12.5")]  # the same setting evaluated twice
+    assert sweep_table(again, "cv_s0_x2", "mask_threshold")[0.4][0]["dsc_real"] == "0.626"
     bad = _rows(SESSION8) + [dict(_rows(SESSION8)[0], dsc_real="0.1")]
     with pytest.raises(ValueError, match="two different results"):
         sweep_table(bad, "cv_s0_x2", "mask_threshold")

@@ -30,8 +30,8 @@ def _num(v):
 
 def sweep_table(rows: list, group: str, key: str, shift: str = "clean") -> dict:
     """``{value: {fold: row}}`` of ``group``'s rows of ``shift``, by the value of column ``key``.
-    A (value, fold) given twice must hold the same figures: two results for one setting that differ
-    mean two different runs under one label, and are refused (``ValueError``)."""
+    A (value, fold) given twice must hold the same figures (timing aside): two results for one setting
+    that differ mean two different runs under one label, and are refused (``ValueError``)."""
     table: dict = {}
     for r in rows:
         if group_of(r["label"]) != group or (r.get("shift") or "clean") != shift:
@@ -41,10 +41,15 @@ def sweep_table(rows: list, group: str, key: str, shift: str = "clean") -> dict:
             raise ValueError(f"row {r['label']} has no {key}")
         fold = int(r["fold"])
         seen = table.setdefault(value, {}).get(fold)
-        if seen is not None and seen != r:
+        if seen is not None and _figures(seen) != _figures(r):
             raise ValueError(f"{group} fold {fold} has two different results at {key} = {value:g}")
         table[value][fold] = r
     return table
+
+
+def _figures(row: dict) -> dict:
+    """A row without what differs between two evaluations of the same setting (timing, run path)."""
+    return {k: v for k, v in row.items() if k not in ("seconds", "run")}
 
 
 def _mean_sd(values: list) -> tuple:
