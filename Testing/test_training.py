@@ -146,7 +146,7 @@ def test_ddp_one_process_gloo_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "training.train", "--config", str(TINY), "--out", str(tmp_path / "ddp"),
            "-q", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.epochs=1"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert ck["epoch"] == 0
