@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .evaluate import group_of
+from .paper_tables import cell
 
 
 def _num(v):
@@ -89,22 +90,18 @@ def to_markdown(table: dict, result: dict, key: str, metric: str, also: list) ->
     folds = sorted(result["folds"])
     cols = [metric] + list(also)
 
-    def cell(value, col, fs):
-        vals = [_num(table[value][f].get(col)) for f in fs if f in table[value]]
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return "-"
-        m, sd = _mean_sd([100 * v for v in vals])
-        return f"{m:.2f} +- {sd:.2f} ({len(vals)})" if len(vals) > 1 else f"{m:.2f} (1)"
+    def one(row, col):
+        v = _num(row.get(col))
+        return "-" if v is None else f"{100 * v:.2f}"
 
     lines = [f"| {key} | " + " | ".join(f"{c} % (folds)" for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for v in sorted(result["per_value"]):
-        lines.append(f"| {v:g} | " + " | ".join(cell(v, c, folds) for c in cols) + " |")
+        lines.append(f"| {v:g} | " + " | ".join(cell([table[v][f] for f in folds], c) for c in cols) + " |")
     lines += ["", f"| held-out fold | {key} chosen on the other folds | " + " | ".join(f"{c} %" for c in cols) + " |",
               "|" + "---|" * (len(cols) + 2)]
     for f in folds:
         v, _ = result["folds"][f]
-        lines.append(f"| {f} | {v:g} | " + " | ".join(cell(v, c, [f]).replace(" (1)", "") for c in cols) + " |")
+        lines.append(f"| {f} | {v:g} | " + " | ".join(one(table[v][f], c) for c in cols) + " |")
     m, sd = result["nested"]
     lines += ["", f"Leave-one-fold-out estimate of {metric}: **{100 * m:.2f} +- {100 * sd:.2f} %** over {len(folds)} folds; "
               f"{key} chosen on all folds (for a model trained on all data): **{result['all_folds_choice']:g}**."]
