@@ -329,6 +329,49 @@ def test_weight_averaging_of_the_last_epochs_survives_a_resume(tmp_path, cache_d
         torch.testing.assert_close(resumed[k], (ep[0][k].float() + ep2[k].float()) / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_fine_tuning_stage_starts_from_a_run_and_keeps_frozen_parts_fixed(trained, tmp_path, cache_dir, capsys):
+    """``train.init_from`` + ``train.freeze ["model.lnet"]`` + ``train.phases ["snet"]`` (the S-Net
+    box-prompt stage): the new run starts from the given run's weights, S-Net moves, L-Net's weights
+    *and* BatchNorm statistics stay those of the source (also through weight averaging), only the
+    S-Net loss is logged; a source of another architecture or of another patient split (its held-out
+    patients would leak), an unknown sub-module, a phase the method lacks and a frozen part without a
+    source are refused with exit code 2."""
+    src = trained["lsnet"]
+    before = load_checkpoint(src / "checkpoints" / "last.pt")["system"]
+    out = tmp_path / "tune"
+    a = _args("lsnet", out, cache_dir) + ["--set", f"train.init_from={src}", "--set", 'train.freeze=["model.lnet"]',
+                                          "--set", 'train.phases=["snet"]', "--set", "lsnet.prompt_boxes=1.0",
+                                          "--set", "train.epochs=2", "--set", "train.average_last=2"]
+    assert main(a) == 0
+    for name in ("last.pt", "averaged.pt"):
+        after = load_checkpoint(out / "checkpoints" / name)["system"]
+        lnet = [k for k in before if k.startswith("model.lnet.")]
+        snet = [k for k in before if k.startswith("model.snet.") and before[k].is_floating_point()]
+        assert lnet and snet
+        for k in lnet:  # weights and running statistics
+            assert torch.equal(before[k], after[k]), (name, k)
+        assert any(not torch.allclose(before[k], after[k]) for k in snet), name
+    hist = _rows(out / "history.csv")
+    assert {k for k in hist[0] if k.startswith("train_loss_")} == {"train_loss_snet"}
+    # resuming the stage does not go back to the source's weights
+    tuned = load_checkpoint(out / "checkpoints" / "last.pt")["system"]
+    assert main(a[:-4] + ["--set", "train.epochs=3"]) == 0
+    resumed = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert resumed["epoch"] == 2 and len(resumed["history"]) == 3
+    assert any(not torch.equal(tuned[k], resumed["system"][k]) for k in tuned if k.startswith("model.snet."))
+
+    from_src = ["--set", f"train.init_from={src}", "--set", "train.epochs=1"]
+    for i, (extra, why) in enumerate([(from_src + ["--set", "method=unet"], "another method/model"),
+                                      (from_src + ["--set", 'train.freeze=["model.nope"]'], "no sub-module 'model.nope'"),
+                                      (from_src + ["--set", 'train.phases=["seg"]'], "train.phases must be"),
+                                      (from_src + ["--set", "data.fold=1"], "another patient split"),
+                                      (["--set", f"train.init_from={tmp_path / 'none'}"], "does not exist"),
+                                      (["--set", 'train.freeze=["model.lnet"]'], "give train.init_from")]):
+        capsys.readouterr()
+        assert main(_args("lsnet", tmp_path / f"bad{i}", cache_dir) + extra) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_evaluate_refuses_a_missing_averaged_checkpoint(trained):
     from training.evaluate import load_run
 
@@ -441,6 +484,9 @@ def test_evaluate_roi_zooms_override(trained, tmp_path, capsys):
     assert tta["box_dsc"] != one["box_dsc"]
     assert evaluate_main([a, "--out", str(tmp_path / "bad"), "--roi-zooms", "0,1"]) == 2
     assert "positive" in capsys.readouterr().err
+    # a calibration sweep's threshold must be a probability (the same check as training.export's)
+    assert evaluate_main([a, "--out", str(tmp_path / "bad_t"), "--checkpoint", "last", "--mask-threshold", "1.5"]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
 
 
 def test_markdown_summaries_over_folds_and_over_the_patients_only():

@@ -26,7 +26,12 @@ Sections (defaults = the paper's settings, section 3.1, where it gives them):
              ``batch_size``, ``weight_decay``, ``amp`` ("auto" = bf16 autocast on CUDA, "off", "bf16"),
              ``device`` ("auto", "cpu", "cuda"), ``seed``, ``max_iters`` (per epoch; null = all),
              ``val_every``, ``log_every``, ``keep_checkpoints``, ``average_last`` (0; N > 0 also writes
-             ``checkpoints/averaged.pt``, the mean weights of the last N epochs - ours, see training/train.py).
+             ``checkpoints/averaged.pt``, the mean weights of the last N epochs - ours, see training/train.py),
+             ``init_from`` (null; a training checkpoint ``.pt`` or a run folder, whose ``checkpoints/last.pt``
+             is used: its weights start a new run of the same method/model - a fine-tuning stage, ours),
+             ``freeze`` (dotted sub-modules of the system, e.g. ``["model.lnet"]``: no gradients, kept in
+             eval mode so their BatchNorm statistics do not move), ``phases`` (null = the method's
+             phases; a subset, e.g. ``["snet"]``, runs only those steps per iteration).
 ``augment``  :class:`training.augment.AugmentConfig` fields.
 
 ``--set a.b=value`` overrides one key; the value is parsed as JSON when it parses (numbers, true,
@@ -86,6 +91,9 @@ DEFAULTS: dict = {
         "log_every": 20,
         "keep_checkpoints": False,
         "average_last": 0,
+        "init_from": None,
+        "freeze": [],
+        "phases": None,
     },
     "augment": AugmentConfig().to_dict(),
 }
@@ -148,6 +156,12 @@ def validate(cfg: dict) -> dict:
         raise InputError(f"data.crop = {crop} must be a multiple of 32 (L-Net down-samples 5 times)")
     if cfg["lsnet"]["roi_mode"] not in ("rr", "crop"):
         raise InputError("lsnet.roi_mode must be 'rr' or 'crop'")
+    freeze = cfg["train"]["freeze"]
+    if not isinstance(freeze, list) or any(not isinstance(n, str) or not n for n in freeze):
+        raise InputError(f"train.freeze must be a list of sub-module names such as [\"model.lnet\"], not {freeze!r}")
+    if freeze and not cfg["train"]["init_from"]:
+        raise InputError("train.freeze keeps sub-modules at their starting weights: give train.init_from (a run "
+                         "or checkpoint to start from), or the frozen parts stay random")
     if cfg["loss"]["kind"] not in ("paper", "bce"):
         raise InputError("loss.kind must be 'paper' or 'bce'")
     if cfg["baseline"]["fine_box"] not in ("gt", "coarse"):

@@ -55,7 +55,7 @@ from .augment import coarser_pixels, unit_correlated_noise
 from .cache import IMAGE_SCALE, CacheParams, SliceCache
 from .config import model_config
 from .datasets import cases_from_specs
-from .methods import build_system
+from .methods import build_system, set_decision_thresholds
 from .metrics import MeanAccumulator, object_best_ious, slice_scores, volume_scores
 from .splits import split_cases
 from .train import CachedCase, load_checkpoint, resolve_device
@@ -315,12 +315,7 @@ def evaluate_run(run_dir: Path, which: str, device: torch.device, data_specs: Op
     system.to(device)
     mc = model_config(cfg)
     model = getattr(system, "model", None)
-    for key, value in (thresholds or {}).items():
-        if value is None:
-            continue
-        if model is None or not hasattr(model, "config"):
-            raise InputError(f"{run_dir}: {cfg['method']} has no {key} to override")
-        setattr(model.config, key, float(value))
+    set_decision_thresholds(model, thresholds, InputError, f"{run_dir}: {cfg['method']}")
     if roi_zooms is not None:
         if model is None or not hasattr(model.config, "roi_zooms"):
             raise InputError(f"{run_dir}: {cfg['method']} has no S-Net RoIs to zoom")

@@ -28,7 +28,7 @@ from lsnet.errors import LSNetError, WeightsError
 from lsnet.io.weights import save_model
 from lsnet.method.ensemble import LSNetEnsemble
 
-from .methods import build_system
+from .methods import build_system, set_decision_thresholds
 
 EXPORTABLE = {"lsnet", "rstn", "dsms_unet", "rpn_fcn"}
 
@@ -125,14 +125,7 @@ def export(run, out: Path, which: str = "best", name: str | None = None, descrip
         metrics = {}  # one member's validation is not the ensemble's
     if extra_metrics:
         metrics.update(extra_metrics)
-    for key, value in (thresholds or {}).items():
-        if value is None:
-            continue
-        if key not in ("mask_threshold", "heatmap_threshold") or not hasattr(model.config, key):
-            raise WeightsError(f"{first.method} models have no decision threshold {key!r}")
-        if not 0.0 < float(value) < 1.0:
-            raise WeightsError(f"{key} must lie strictly between 0 and 1 (a probability), not {value}")
-        setattr(model.config, key, float(value))
+    set_decision_thresholds(model, thresholds, WeightsError, f"{first.method} models")
     card = {
         "name": name or Path(out).stem,
         "description": description,

@@ -304,8 +304,36 @@ def build_system(cfg: dict) -> nn.Module:
     raise ValueError(m)
 
 
+DECISION_THRESHOLDS = ("mask_threshold", "heatmap_threshold")
+"""The model's decision thresholds that a calibration may set (``ModelConfig`` fields)."""
+
+
+def set_decision_thresholds(model, thresholds: dict | None, error: type = InputError, what: str = "the model") -> None:
+    """Set ``thresholds`` (``{"mask_threshold": 0.4, "heatmap_threshold": None}``; None = keep) on
+    ``model.config``; a key the model lacks or a value outside (0, 1) raises ``error``."""
+    for key, value in (thresholds or {}).items():
+        if value is None:
+            continue
+        config = getattr(model, "config", None)
+        if key not in DECISION_THRESHOLDS or config is None or not hasattr(config, key):
+            raise error(f"{what} has no decision threshold {key!r}")
+        if not 0.0 < float(value) < 1.0:
+            raise error(f"{key} must lie strictly between 0 and 1 (a probability), not {value}")
+        setattr(config, key, float(value))
+
+
 def training_phases(cfg: dict) -> list:
-    """The forward modes of one iteration, each followed by its own optimiser step."""
+    """The forward modes of one iteration, each followed by its own optimiser step: the method's own
+    (``["lnet", "snet"]`` for L-SNet), or the subset ``train.phases`` names (e.g. ``["snet"]`` for a
+    fine-tuning stage of S-Net alone)."""
     if cfg["method"] in SEED_ARCHITECTURES:
-        return ["seed"]
-    return {"lsnet": ["lnet", "snet"], "unet": ["seg"], "fcn": ["seg"], "c2f": ["coarse", "fine"]}[cfg["method"]]
+        own = ["seed"]
+    else:
+        own = {"lsnet": ["lnet", "snet"], "unet": ["seg"], "fcn": ["seg"], "c2f": ["coarse", "fine"]}[cfg["method"]]
+    chosen = cfg["train"].get("phases")
+    if chosen is None:
+        return own
+    if not isinstance(chosen, list) or not chosen or any(p not in own for p in chosen):
+        raise InputError(f"train.phases must be null or a non-empty list drawn from {own} for method "
+                         f"{cfg['method']!r}, not {chosen!r}")
+    return [p for p in own if p in chosen]

@@ -148,6 +148,61 @@ def _same_architecture(a: dict, b: dict) -> bool:
     return a["method"] == b["method"] and a["model"] == b["model"] and a["baseline"] == b["baseline"] and a["lsnet"] == b["lsnet"]
 
 
+def _same_weights_layout(a: dict, b: dict) -> bool:
+    """Whether a system built from config ``a`` has the parameters of one built from ``b`` (the
+    training-only ``lsnet`` settings, such as prompt boxes, may differ)."""
+    return a["method"] == b["method"] and a["model"] == b["model"] and a["baseline"] == b["baseline"]
+
+
+def initial_weights(cfg: dict) -> Optional[dict]:
+    """The ``system`` state dict that ``train.init_from`` names (a training checkpoint ``.pt``, or a run
+    folder whose ``checkpoints/last.pt`` is taken), checked to fit ``cfg``; None when unset."""
+    src = cfg["train"].get("init_from")
+    if not src:
+        return None
+    path = Path(src)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise InputError(f"train.init_from: {path} does not exist (give a run folder with checkpoints/last.pt "
+                         "or a checkpoint file)")
+    state = load_checkpoint(path)
+    if not _same_weights_layout(state["config"], cfg):
+        raise InputError(f"train.init_from: {path} was trained with another method/model configuration "
+                         f"({state['config']['method']}, model {state['config']['model']}); the new run must "
+                         "use the same 'method', 'model' and 'baseline' sections")
+    split_keys = ("datasets", "extra_train_datasets", "from_cache", "folds", "fold", "split_seed")
+    differ = [k for k in split_keys if state["config"]["data"].get(k) != cfg["data"].get(k)]
+    if differ:
+        raise InputError(f"train.init_from: {path} was trained on another patient split (data.{', data.'.join(differ)} "
+                         "differ); starting from it would put patients the source trained on among this run's "
+                         "held-out ones - use the source's data settings (e.g. the same --fold)")
+    log.info("weights initialised from %s (epoch %d of that run)", path, int(state["epoch"]))
+    return state["system"]
+
+
+def frozen_modules(system: nn.Module, names: list) -> list:
+    """The sub-modules ``train.freeze`` names, their parameters set to ``requires_grad=False``."""
+    out = []
+    for name in names:
+        try:
+            mod = system.get_submodule(name)
+        except AttributeError as e:
+            children = sorted(n for n, _ in system.named_modules() if n and n.count(".") < 2)
+            raise InputError(f"train.freeze: the system has no sub-module {name!r}; some it has: {children}") from e
+        for p in mod.parameters():
+            p.requires_grad_(False)
+        out.append(mod)
+    return out
+
+
+def train_mode(system: nn.Module, frozen: list) -> None:
+    """``system.train()`` with the frozen sub-modules left in eval mode (fixed BatchNorm statistics)."""
+    system.train()
+    for mod in frozen:
+        mod.eval()
+
+
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +344,14 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
     train_loader, sampler, val_loader = make_loaders(cfg, train_ds, val_ds, dd, device)
 
     system = build_system(cfg).to(device)
+    if state is None:
+        init = initial_weights(cfg)
+        if init is not None:
+            system.load_state_dict(init)
+    frozen = frozen_modules(system, list(cfg["train"]["freeze"]))
     params = [p for p in system.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("train.freeze leaves no parameter to train")
     opt = torch.optim.Adam(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(tcfg["lr_step"]), gamma=float(tcfg["lr_decay"]))
     gen = torch.Generator(device=device)
@@ -333,7 +395,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        system.train()
+        train_mode(system, frozen)
         acc = MeanAccumulator()
         n_iter = 0
         for batch in train_loader:
@@ -392,7 +454,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
         if average_from is not None and not avg_path.exists():
             if averaged is not None and averaged.n == epochs - average_from:
                 summary_extra = _save_averaged(averaged, system, train_loader, phases, aug, gen, pixel_mm, gamma,
-                                               device, autocast, val_loader, cfg, history, avg_path)
+                                               device, autocast, val_loader, cfg, history, avg_path, tuple(frozen))
             else:  # e.g. average_last set on resuming a run that did not average its earlier epochs
                 log.warning("no %s: %d of the last %d epochs were averaged (train.average_last set after they ran?)",
                             avg_path.name, averaged.n if averaged is not None else 0, epochs - average_from)
@@ -436,17 +498,19 @@ class WeightAverage:
 @torch.no_grad()
 def recalibrate_batchnorm(system: nn.Module, loader, phases: list, aug: AugmentConfig, gen: torch.Generator,
                           pixel_mm: float, gamma: float, device: torch.device, autocast=nullcontext,
-                          max_batches: Optional[int] = None) -> int:
+                          max_batches: Optional[int] = None, frozen: tuple = ()) -> int:
     """Recompute every BatchNorm layer's running mean/variance as the plain average over one pass of the
     training batches (augmented as in training), running each training phase's forward in train mode
     without gradients.  Needed after weight averaging: the averaged weights' activations differ from any
-    single epoch's.  Returns the number of batches seen."""
-    bns = [m for m in system.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    single epoch's.  The layers of ``frozen`` sub-modules keep their statistics.  Returns the number of
+    batches seen."""
+    fixed = {id(m) for mod in frozen for m in mod.modules()}
+    bns = [m for m in system.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in fixed]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
-    system.train()
+    train_mode(system, list(frozen))
     n = 0
     for batch in loader:
         if max_batches is not None and n >= max_batches:
@@ -462,13 +526,13 @@ def recalibrate_batchnorm(system: nn.Module, loader, phases: list, aug: AugmentC
 
 
 def _save_averaged(averaged: WeightAverage, system: nn.Module, train_loader, phases, aug, gen, pixel_mm, gamma,
-                   device, autocast, val_loader, cfg: dict, history: list, path: Path) -> dict:
+                   device, autocast, val_loader, cfg: dict, history: list, path: Path, frozen: tuple = ()) -> dict:
     """Build, BatchNorm-recalibrate, validate and save ``checkpoints/averaged.pt``; returns its summary."""
     last_state = {k: v.clone() for k, v in system.state_dict().items()}
     averaged.load_into(system)
     max_iters = cfg["train"]["max_iters"]
     batches = recalibrate_batchnorm(system, train_loader, phases, aug, gen, pixel_mm, gamma, device, autocast,
-                                    None if max_iters is None else int(max_iters))
+                                    None if max_iters is None else int(max_iters), frozen)
     row = {"epochs_averaged": averaged.n, "bn_batches": batches}
     if val_loader is not None:
         row.update(validate(system, val_loader, device, autocast, cfg))
