@@ -372,6 +372,37 @@ def test_fine_tuning_stage_starts_from_a_run_and_keeps_frozen_parts_fixed(traine
         assert why in capsys.readouterr().err
 
 
+def test_fine_tuning_stage_from_a_member_of_an_exported_ensemble(trained, tmp_path, cache_dir, capsys):
+    """``train.init_from`` an exported ensemble (the bundled model's form) + ``train.init_member``: the
+    new run starts from that member's weights (fp32 copies of the file's fp16 tensors); without a member,
+    with one out of range, or with a held-out fold (the file does not say which patients it saw) it is
+    refused."""
+    from training.export import export
+
+    a, b = trained["lsnet"], tmp_path / "b"
+    shutil.copytree(a, b)
+    with torch.no_grad():  # make member 1 differ from member 0
+        state = load_checkpoint(b / "checkpoints" / "last.pt")
+        state["system"] = {k: (v + 0.01 if v.is_floating_point() and "lnet" in k else v) for k, v in state["system"].items()}
+        torch.save(state, b / "checkpoints" / "last.pt")
+    w = export([a, b], tmp_path / "ens.safetensors", which="last", dtype="float32")
+    out = tmp_path / "tune"
+    args = _args("lsnet", out, cache_dir) + ["--set", f"train.init_from={w}", "--set", "data.fold=-1",
+                                             "--set", 'train.freeze=["model.lnet"]', "--set", 'train.phases=["snet"]',
+                                             "--set", "train.epochs=1"]
+    assert main(args + ["--set", "train.init_member=1"]) == 0
+    after = load_checkpoint(out / "checkpoints" / "last.pt")["system"]
+    src, other = state["system"], load_checkpoint(a / "checkpoints" / "last.pt")["system"]
+    lnet = [k for k in src if k.startswith("model.lnet.") and src[k].is_floating_point()]
+    assert lnet and all(torch.equal(after[k], src[k]) for k in lnet)  # frozen at member 1's weights
+    assert not any(torch.equal(after[k], other[k]) for k in lnet)
+    for i, (extra, why) in enumerate([([], "pick one with"), (["--set", "train.init_member=2"], "pick one with"),
+                                      (["--set", "train.init_member=0", "--set", "data.fold=0"], "does not record")]):
+        capsys.readouterr()
+        assert main(_args("lsnet", tmp_path / f"bad{i}", cache_dir) + args[len(_args("lsnet", out, cache_dir)):] + extra) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_evaluate_refuses_a_missing_averaged_checkpoint(trained):
     from training.evaluate import load_run
 

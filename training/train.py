@@ -60,7 +60,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lsnet.architectures import load_model
 from lsnet.errors import DeviceError, InputError, LSNetError
+from lsnet.method.ensemble import LSNetEnsemble, member_config
 
 from .augment import AugmentConfig, augment_batch
 from .cache import CacheParams, SliceCache
@@ -164,8 +166,12 @@ def initial_weights(cfg: dict) -> Optional[dict]:
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
-        raise InputError(f"train.init_from: {path} does not exist (give a run folder with checkpoints/last.pt "
-                         "or a checkpoint file)")
+        raise InputError(f"train.init_from: {path} does not exist (give a run folder with checkpoints/last.pt, "
+                         "a checkpoint file or an exported .safetensors model)")
+    if path.suffix == ".safetensors":
+        return _weights_file_state(path, cfg)
+    if cfg["train"].get("init_member") is not None:
+        raise InputError("train.init_member picks a member of an exported ensemble (.safetensors), not of a run")
     state = load_checkpoint(path)
     if not _same_weights_layout(state["config"], cfg):
         raise InputError(f"train.init_from: {path} was trained with another method/model configuration "
@@ -179,6 +185,37 @@ def initial_weights(cfg: dict) -> Optional[dict]:
                          "held-out ones - use the source's data settings (e.g. the same --fold)")
     log.info("weights initialised from %s (epoch %d of that run)", path, int(state["epoch"]))
     return state["system"]
+
+
+def _weights_file_state(path: Path, cfg: dict) -> dict:
+    """The ``system`` state dict of an exported L-SNet (one member of an ensemble file: ``train.init_member``)."""
+    if cfg["method"] != "lsnet":
+        raise InputError(f"train.init_from: exported models start L-SNet runs only, not method {cfg['method']!r}")
+    if int(cfg["data"]["fold"]) != -1:
+        raise InputError(f"train.init_from: {path} does not record which patients it was trained on, so a run "
+                         "started from it cannot be validated on a held-out fold; use --set data.fold=-1 "
+                         "(all data), or start from a run folder of the same fold")
+    model, _card = load_model(path)
+    member = cfg["train"].get("init_member")
+    if isinstance(model, LSNetEnsemble):
+        n = model.config.ensemble
+        if member is None or not 0 <= int(member) < n:
+            raise InputError(f"train.init_from: {path} is an ensemble of {n} models; pick one with "
+                             f"--set train.init_member=I (0..{n - 1})")
+        nets = {"lnet": model.lnet.nets[int(member)], "snet": model.snet.nets[int(member)]}
+        mc = member_config(model.config)
+    elif member is not None:
+        raise InputError(f"train.init_member: {path} holds one model, not an ensemble")
+    else:
+        nets, mc = {"lnet": model.lnet, "snet": model.snet}, model.config
+    want = model_config(cfg)
+    arch = [k for k, v in want.to_dict().items()
+            if k not in ("heatmap_threshold", "mask_threshold", "roi_zooms") and mc.to_dict().get(k) != v]
+    if arch:
+        raise InputError(f"train.init_from: {path} has another model configuration ({', '.join(arch)} differ from "
+                         "the 'model' section); use the configuration it was trained with")
+    log.info("weights initialised from %s%s", path, "" if member is None else f" (member {member})")
+    return {f"model.{part}.{k}": v for part, net in nets.items() for k, v in net.state_dict().items()}
 
 
 def frozen_modules(system: nn.Module, names: list) -> list:
