@@ -36,6 +36,10 @@ uniform mean of the weights after each of the last N epochs (stochastic weight a
 al. 2018, at the schedule's final learning rate), its BatchNorm statistics recomputed on one pass over
 the training batches (:func:`recalibrate_batchnorm`); the running mean is kept in ``last.pt``, so a
 resumed run averages the same epochs.
+A fine-tuning stage (ours): ``train.init_from`` starts a new run from a finished one's weights (same
+architecture and patient split, both checked), ``train.freeze`` keeps named sub-modules fixed (weights and
+BatchNorm statistics) and ``train.phases`` runs a subset of the steps, e.g. S-Net alone on box prompts
+(``training/configs/boxtune_cpu.json``).
 Checkpoints are ordinary PyTorch files for resuming; ``training/export.py`` turns one into the
 engine's safetensors + model card.
 """
@@ -157,8 +161,9 @@ def _same_weights_layout(a: dict, b: dict) -> bool:
 
 
 def initial_weights(cfg: dict) -> Optional[dict]:
-    """The ``system`` state dict that ``train.init_from`` names (a training checkpoint ``.pt``, or a run
-    folder whose ``checkpoints/last.pt`` is taken), checked to fit ``cfg``; None when unset."""
+    """The ``system`` state dict that ``train.init_from`` names (a training checkpoint ``.pt``, a run
+    folder whose ``checkpoints/last.pt`` is taken, or an exported ``.safetensors`` model), checked to fit
+    ``cfg`` (architecture, and for a run its patient split); None when unset."""
     src = cfg["train"].get("init_from")
     if not src:
         return None
