@@ -374,8 +374,8 @@ def test_fine_tuning_stage_starts_from_a_run_and_keeps_frozen_parts_fixed(traine
 
 def test_fine_tuning_stage_from_a_member_of_an_exported_ensemble(trained, tmp_path, cache_dir, capsys):
     """``train.init_from`` an exported ensemble (the bundled model's form) + ``train.init_member``: the
-    new run starts from that member's weights (fp32 copies of the file's fp16 tensors); without a member,
-    with one out of range, or with a held-out fold (the file does not say which patients it saw) it is
+    new run starts from that member's weights (the file's tensors as fp32); without a member,
+    with one out of range, or with a held-out fold (its card does not record every member's held-out patients) it is
     refused."""
     from training.export import export
 

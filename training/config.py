@@ -28,8 +28,8 @@ Sections (defaults = the paper's settings, section 3.1, where it gives them):
              ``val_every``, ``log_every``, ``keep_checkpoints``, ``average_last`` (0; N > 0 also writes
              ``checkpoints/averaged.pt``, the mean weights of the last N epochs - ours, see training/train.py),
              ``init_from`` (null; a training checkpoint ``.pt`` or a run folder, whose ``checkpoints/last.pt``
-             is used, or an exported ``.safetensors`` model - then only with ``data.fold -1``, as the file
-             does not record which patients it held out; ``init_member`` picks a member of an ensemble
+             is used, or an exported ``.safetensors`` model - then only with ``data.fold -1``, as its card
+             does not record the held-out patients of every member; ``init_member`` picks a member of an ensemble
              file: its weights start a new run of the same method/model - a fine-tuning stage, ours),
              ``freeze`` (dotted sub-modules of the system, e.g. ``["model.lnet"]``: no gradients, kept in
              eval mode so their BatchNorm statistics do not move), ``phases`` (null = the method's

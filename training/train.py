@@ -150,14 +150,15 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _same_architecture(a: dict, b: dict) -> bool:
-    return a["method"] == b["method"] and a["model"] == b["model"] and a["baseline"] == b["baseline"] and a["lsnet"] == b["lsnet"]
-
-
 def _same_weights_layout(a: dict, b: dict) -> bool:
     """Whether a system built from config ``a`` has the parameters of one built from ``b`` (the
     training-only ``lsnet`` settings, such as prompt boxes, may differ)."""
     return a["method"] == b["method"] and a["model"] == b["model"] and a["baseline"] == b["baseline"]
+
+
+def _same_architecture(a: dict, b: dict) -> bool:
+    """Whether a run of config ``b`` may resume one of ``a``: same weights and same ``lsnet`` settings."""
+    return _same_weights_layout(a, b) and a["lsnet"] == b["lsnet"]
 
 
 def initial_weights(cfg: dict) -> Optional[dict]:
@@ -197,8 +198,9 @@ def _weights_file_state(path: Path, cfg: dict) -> dict:
     if cfg["method"] != "lsnet":
         raise InputError(f"train.init_from: exported models start L-SNet runs only, not method {cfg['method']!r}")
     if int(cfg["data"]["fold"]) != -1:
-        raise InputError(f"train.init_from: {path} does not record which patients it was trained on, so a run "
-                         "started from it cannot be validated on a held-out fold; use --set data.fold=-1 "
+        raise InputError(f"train.init_from: {path} is an exported model, whose card does not record the held-out "
+                         "patients of every member, so a run started from it cannot be validated on a held-out "
+                         "fold; use --set data.fold=-1 "
                          "(all data), or start from a run folder of the same fold")
     model, _card = load_model(path)
     member = cfg["train"].get("init_member")
@@ -238,8 +240,9 @@ def frozen_modules(system: nn.Module, names: list) -> list:
     return out
 
 
-def train_mode(system: nn.Module, frozen: list) -> None:
-    """``system.train()`` with the frozen sub-modules left in eval mode (fixed BatchNorm statistics)."""
+def train_mode(system: nn.Module, frozen=()) -> None:
+    """``system.train()`` with the ``frozen`` sub-modules (an iterable of modules) left in eval mode (fixed
+    BatchNorm statistics)."""
     system.train()
     for mod in frozen:
         mod.eval()
@@ -390,7 +393,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
         init = initial_weights(cfg)
         if init is not None:
             system.load_state_dict(init)
-    frozen = frozen_modules(system, list(cfg["train"]["freeze"]))
+    frozen = frozen_modules(system, cfg["train"]["freeze"])
     params = [p for p in system.parameters() if p.requires_grad]
     if not params:
         raise InputError("train.freeze leaves no parameter to train")
@@ -496,7 +499,7 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
         if average_from is not None and not avg_path.exists():
             if averaged is not None and averaged.n == epochs - average_from:
                 summary_extra = _save_averaged(averaged, system, train_loader, phases, aug, gen, pixel_mm, gamma,
-                                               device, autocast, val_loader, cfg, history, avg_path, tuple(frozen))
+                                               device, autocast, val_loader, cfg, history, avg_path, frozen)
             else:  # e.g. average_last set on resuming a run that did not average its earlier epochs
                 log.warning("no %s: %d of the last %d epochs were averaged (train.average_last set after they ran?)",
                             avg_path.name, averaged.n if averaged is not None else 0, epochs - average_from)
@@ -540,7 +543,7 @@ class WeightAverage:
 @torch.no_grad()
 def recalibrate_batchnorm(system: nn.Module, loader, phases: list, aug: AugmentConfig, gen: torch.Generator,
                           pixel_mm: float, gamma: float, device: torch.device, autocast=nullcontext,
-                          max_batches: Optional[int] = None, frozen: tuple = ()) -> int:
+                          max_batches: Optional[int] = None, frozen=()) -> int:
     """Recompute every BatchNorm layer's running mean/variance as the plain average over one pass of the
     training batches (augmented as in training), running each training phase's forward in train mode
     without gradients.  Needed after weight averaging: the averaged weights' activations differ from any
@@ -552,7 +555,7 @@ def recalibrate_batchnorm(system: nn.Module, loader, phases: list, aug: AugmentC
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
-    train_mode(system, list(frozen))
+    train_mode(system, frozen)
     n = 0
     for batch in loader:
         if max_batches is not None and n >= max_batches:
@@ -568,7 +571,7 @@ def recalibrate_batchnorm(system: nn.Module, loader, phases: list, aug: AugmentC
 
 
 def _save_averaged(averaged: WeightAverage, system: nn.Module, train_loader, phases, aug, gen, pixel_mm, gamma,
-                   device, autocast, val_loader, cfg: dict, history: list, path: Path, frozen: tuple = ()) -> dict:
+                   device, autocast, val_loader, cfg: dict, history: list, path: Path, frozen=()) -> dict:
     """Build, BatchNorm-recalibrate, validate and save ``checkpoints/averaged.pt``; returns its summary."""
     last_state = {k: v.clone() for k, v in system.state_dict().items()}
     averaged.load_into(system)
