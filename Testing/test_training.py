@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsnet.errors import InputError
+from lsnet.errors import InputError, WeightsError
 from training.config import DEFAULTS, load_config
 from training.train import CHECKPOINT_FORMAT, load_checkpoint, main, train_iteration
 
@@ -353,6 +353,8 @@ def test_fine_tuning_stage_starts_from_a_run_and_keeps_frozen_parts_fixed(traine
         assert any(not torch.allclose(before[k], after[k]) for k in snet), name
     hist = _rows(out / "history.csv")
     assert {k for k in hist[0] if k.startswith("train_loss_")} == {"train_loss_snet"}
+    record = json.loads((out / "init_source.json").read_text())
+    assert record["run"] == str(src) and record["epoch"] == load_checkpoint(src / "checkpoints" / "last.pt")["epoch"]
     # resuming the stage does not go back to the source's weights
     tuned = load_checkpoint(out / "checkpoints" / "last.pt")["system"]
     assert main(a[:-4] + ["--set", "train.epochs=3"]) == 0
@@ -396,6 +398,19 @@ def test_fine_tuning_stage_from_a_member_of_an_exported_ensemble(trained, tmp_pa
     lnet = [k for k in src if k.startswith("model.lnet.") and src[k].is_floating_point()]
     assert lnet and all(torch.equal(after[k], src[k]) for k in lnet)  # frozen at member 1's weights
     assert not any(torch.equal(after[k], other[k]) for k in lnet)
+    # the source is recorded in the run and carried onto the card of the stage's export, also once the
+    # source file is gone (e.g. a bundled model replaced by the stage's own export)
+    card = json.loads(w.with_suffix(".json").read_text())
+    record = json.loads((out / "init_source.json").read_text())
+    assert record["sha256"] == card["sha256"] and record["member"] == 1
+    assert record["member_entry"]["run"] == str(b) and record["training"]["epochs_done"] == card["training"]["epochs_done"]
+    w.unlink()
+    tuned = json.loads(export(out, tmp_path / "tuned.safetensors", which="last").with_suffix(".json").read_text())
+    assert tuned["training"]["initialised_from"] == record and tuned["training"]["train"]["init_member"] == 1
+    (out / "init_source.json").unlink()
+    with pytest.raises(WeightsError, match="init_source.json is missing"):
+        export(out, tmp_path / "tuned2.safetensors", which="last")
+    w = export([a, b], tmp_path / "ens.safetensors", which="last", dtype="float32")
     for i, (extra, why) in enumerate([([], "pick one with"), (["--set", "train.init_member=2"], "pick one with"),
                                       (["--set", "train.init_member=0", "--set", "data.fold=0"], "does not record")]):
         capsys.readouterr()
@@ -414,7 +429,6 @@ def test_runs_of_one_fold_evaluate_and_export_as_their_ensemble(trained, tmp_pat
     """``RUN_A+RUN_B`` in training.evaluate and several runs in training.export (lsnet.method.ensemble).
     Two copies of one run average to that run: every metric equals the single run's."""
     from lsnet.architectures import load_model
-    from lsnet.errors import WeightsError
     from lsnet.method.ensemble import LSNetEnsemble
     from training.evaluate import main as evaluate_main
     from training.export import export

@@ -55,6 +55,11 @@ from .augment import AugmentConfig
 
 METHODS = ("lsnet", "unet", "fcn", "c2f", "rstn", "dsms_unet", "rpn_fcn")
 
+INIT_SOURCE_FILE = "init_source.json"
+"""Written in a run folder started with ``train.init_from``: what its starting weights came from (the
+source may change later, e.g. a bundled model replaced by the one the run makes); ``training.export``
+copies it onto the model card."""
+
 DEFAULTS: dict = {
     "method": "lsnet",
     "model": ModelConfig().to_dict(),

@@ -28,6 +28,7 @@ from lsnet.errors import LSNetError, WeightsError
 from lsnet.io.weights import save_model
 from lsnet.method.ensemble import LSNetEnsemble
 
+from .config import INIT_SOURCE_FILE
 from .methods import build_system, set_decision_thresholds
 
 EXPORTABLE = {"lsnet", "rstn", "dsms_unet", "rpn_fcn"}
@@ -71,15 +72,21 @@ def from_run(run: Path, which: str) -> Exportable:
     system = build_system(cfg)
     system.load_state_dict(state["system"])
     epochs = len(state.get("history", []))
+    training = {"method": cfg["method"], "train": cfg["train"], "lsnet": cfg.get("lsnet"), "augment": cfg.get("augment"),
+                "crop": cfg["data"]["crop"], "checkpoint": ckpt.name, "epochs_done": epochs}
+    source = {"run": str(run), "checkpoint": ckpt.name, "seed": cfg["train"].get("seed"), "held_out_fold": cfg["data"]["fold"],
+              "epochs_done": epochs}
+    record = ckpt.parent.parent / INIT_SOURCE_FILE  # a stage started from other weights (train.init_from)
+    if cfg["train"].get("init_from"):
+        if not record.is_file():
+            raise WeightsError(f"{ckpt} comes from a run started from {cfg['train']['init_from']} but {record} is "
+                               "missing, so the card could not say what its weights were trained from")
+        training["initialised_from"] = source["initialised_from"] = json.loads(record.read_text())
     return Exportable(
-        model=system.model, method=cfg["method"],
-        training={"method": cfg["method"], "train": cfg["train"], "lsnet": cfg.get("lsnet"), "augment": cfg.get("augment"),
-                  "crop": cfg["data"]["crop"], "checkpoint": ckpt.name, "epochs_done": epochs},
+        model=system.model, method=cfg["method"], training=training,
         training_data={"datasets": cfg["data"]["datasets"],
                        "split": {"folds": cfg["data"]["folds"], "held_out_fold": cfg["data"]["fold"], "seed": cfg["data"]["split_seed"]}},
-        metrics=validation_metrics(state),
-        source={"run": str(run), "checkpoint": ckpt.name, "seed": cfg["train"].get("seed"), "held_out_fold": cfg["data"]["fold"],
-                "epochs_done": epochs},
+        metrics=validation_metrics(state), source=source,
     )
 
 

@@ -30,7 +30,8 @@ Outputs in ``--out``: ``config.json`` (resolved), ``history.csv`` (one row per e
 (training losses every ``log_every`` iterations), ``curves.png``, ``summary.json`` (last and best
 epoch with validation slice DSC / precision / recall / L-Net box mIoU, written at the end),
 ``checkpoints/last.pt`` (every
-epoch; the run resumes from it), ``checkpoints/best.pt`` (best validation slice DSC), ``split.json``.
+epoch; the run resumes from it), ``checkpoints/best.pt`` (best validation slice DSC), ``split.json``,
+``init_source.json`` (with ``train.init_from``: the source of the starting weights).
 With ``train.average_last N`` (ours, not in the paper; 0 = off) also ``checkpoints/averaged.pt``: the
 uniform mean of the weights after each of the last N epochs (stochastic weight averaging, Izmailov et
 al. 2018, at the schedule's final learning rate), its BatchNorm statistics recomputed on one pass over
@@ -70,7 +71,7 @@ from lsnet.method.ensemble import LSNetEnsemble, member_config
 
 from .augment import AugmentConfig, augment_batch
 from .cache import CacheParams, SliceCache
-from .config import add_phantoms, load_config, model_config
+from .config import INIT_SOURCE_FILE, add_phantoms, load_config, model_config
 from .datasets import cases_from_specs
 from .methods import build_system, training_phases
 from .metrics import MeanAccumulator, object_best_ious, slice_scores
@@ -161,13 +162,18 @@ def _same_architecture(a: dict, b: dict) -> bool:
     return _same_weights_layout(a, b) and a["lsnet"] == b["lsnet"]
 
 
-def initial_weights(cfg: dict) -> Optional[dict]:
+def initial_weights(cfg: dict) -> tuple:
     """The ``system`` state dict that ``train.init_from`` names (a training checkpoint ``.pt``, a run
     folder whose ``checkpoints/last.pt`` is taken, or an exported ``.safetensors`` model), checked to fit
-    ``cfg`` (architecture, and for a run its patient split); None when unset."""
+    ``cfg`` (architecture, and for a run its patient split), and the record of that source for
+    :data:`INIT_SOURCE_FILE`; ``(None, None)`` when unset.
+
+    The record of an exported model: its file name, sha256, card name, the member taken and the card's
+    entry for it, the card's training section (an ensemble card's is its first member's recipe); of a
+    run: the checkpoint, its epoch and its ``train`` settings."""
     src = cfg["train"].get("init_from")
     if not src:
-        return None
+        return None, None
     path = Path(src)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
@@ -190,11 +196,14 @@ def initial_weights(cfg: dict) -> Optional[dict]:
                          "differ); starting from it would put patients the source trained on among this run's "
                          "held-out ones - use the source's data settings (e.g. the same --fold)")
     log.info("weights initialised from %s (epoch %d of that run)", path, int(state["epoch"]))
-    return state["system"]
+    record = {"run": str(src), "checkpoint": str(path), "epoch": int(state["epoch"]),
+              "train": state["config"]["train"]}
+    return state["system"], record
 
 
-def _weights_file_state(path: Path, cfg: dict) -> dict:
-    """The ``system`` state dict of an exported L-SNet (one member of an ensemble file: ``train.init_member``)."""
+def _weights_file_state(path: Path, cfg: dict) -> tuple:
+    """The ``system`` state dict of an exported L-SNet (one member of an ensemble file: ``train.init_member``)
+    and the record of the file (:func:`initial_weights`)."""
     if cfg["method"] != "lsnet":
         raise InputError(f"train.init_from: exported models start L-SNet runs only, not method {cfg['method']!r}")
     if int(cfg["data"]["fold"]) != -1:
@@ -202,7 +211,7 @@ def _weights_file_state(path: Path, cfg: dict) -> dict:
                          "patients of every member, so a run started from it cannot be validated on a held-out "
                          "fold; use --set data.fold=-1 "
                          "(all data), or start from a run folder of the same fold")
-    model, _card = load_model(path)
+    model, card = load_model(path)
     member = cfg["train"].get("init_member")
     if isinstance(model, LSNetEnsemble):
         n = model.config.ensemble
@@ -222,7 +231,12 @@ def _weights_file_state(path: Path, cfg: dict) -> dict:
         raise InputError(f"train.init_from: {path} has another model configuration ({', '.join(arch)} differ from "
                          "the 'model' section); use the configuration it was trained with")
     log.info("weights initialised from %s%s", path, "" if member is None else f" (member {member})")
-    return {f"model.{part}.{k}": v for part, net in nets.items() for k, v in net.state_dict().items()}
+    members = card.get("ensemble_members") or []
+    record = {"weights": path.name, "sha256": card.get("sha256"), "name": card.get("name"),
+              "exported": card.get("exported"), "member": None if member is None else int(member),
+              "member_entry": members[int(member)] if member is not None and int(member) < len(members) else None,
+              "training": card.get("training")}
+    return {f"model.{part}.{k}": v for part, net in nets.items() for k, v in net.state_dict().items()}, record
 
 
 def frozen_modules(system: nn.Module, names: list) -> list:
@@ -390,9 +404,11 @@ def _run(cfg: dict, out: Path, resume: bool, dd: Dist) -> dict:
 
     system = build_system(cfg).to(device)
     if state is None:
-        init = initial_weights(cfg)
+        init, source = initial_weights(cfg)
         if init is not None:
             system.load_state_dict(init)
+            if dd.main:
+                (out / INIT_SOURCE_FILE).write_text(json.dumps(source, indent=1))
     frozen = frozen_modules(system, cfg["train"]["freeze"])
     params = [p for p in system.parameters() if p.requires_grad]
     if not params:
