@@ -361,6 +361,11 @@ def test_fine_tuning_stage_starts_from_a_run_and_keeps_frozen_parts_fixed(traine
     resumed = load_checkpoint(out / "checkpoints" / "last.pt")
     assert resumed["epoch"] == 2 and len(resumed["history"]) == 3
     assert any(not torch.equal(tuned[k], resumed["system"][k]) for k in tuned if k.startswith("model.snet."))
+    # a stage started from a stage keeps the chain of sources
+    assert main(_args("lsnet", tmp_path / "tune2", cache_dir) + ["--set", f"train.init_from={out}", "--set", "train.epochs=1",
+                                                                  "--set", 'train.phases=["snet"]']) == 0
+    chain = json.loads((tmp_path / "tune2" / "init_source.json").read_text())
+    assert chain["run"] == str(out) and chain["initialised_from"] == record and "initialised_from" not in record
 
     from_src = ["--set", f"train.init_from={src}", "--set", "train.epochs=1"]
     for i, (extra, why) in enumerate([(from_src + ["--set", "method=unet"], "another method/model"),

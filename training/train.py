@@ -170,7 +170,7 @@ def initial_weights(cfg: dict) -> tuple:
 
     The record of an exported model: its file name, sha256, card name, the member taken and the card's
     entry for it, the card's training section (an ensemble card's is its first member's recipe); of a
-    run: the checkpoint, its epoch and its ``train`` settings."""
+    run: the checkpoint, its epoch and its ``train`` settings (and that run's own record, if it was a stage too)."""
     src = cfg["train"].get("init_from")
     if not src:
         return None, None
@@ -198,6 +198,9 @@ def initial_weights(cfg: dict) -> tuple:
     log.info("weights initialised from %s (epoch %d of that run)", path, int(state["epoch"]))
     record = {"run": str(src), "checkpoint": str(path), "epoch": int(state["epoch"]),
               "train": state["config"]["train"]}
+    earlier = path.parent.parent / INIT_SOURCE_FILE  # the source was itself a stage: keep the chain
+    if earlier.is_file():
+        record["initialised_from"] = json.loads(earlier.read_text())
     return state["system"], record
 
 
