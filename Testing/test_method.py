@@ -196,6 +196,29 @@ def test_snet_loss_reaches_lnet_through_theta_only_scaled():
     assert model.lnet.kp_head[-1].weight.grad is None or model.lnet.kp_head[-1].weight.grad.abs().sum() == 0
 
 
+def test_snet_on_prompt_boxes_alone_does_not_run_lnet():
+    """``topk = 0`` (ours): S-Net learns from the prompt boxes only; L-Net is never called, a batch
+    without a prompt box gives no loss, and the RoIs are exactly the prompts (same targets as with
+    L-Net's RoIs present, minus those)."""
+    torch.manual_seed(0)
+    model = LSNet(ModelConfig(width=8, roi_size=64))  # 64 px: S-Net's deepest map is 2x2, so one RoI can train BatchNorm
+    images = torch.rand(2, 1, 64, 64)
+    masks = torch.zeros(2, 64, 64)
+    masks[1, 20:40, 24:36] = 1
+    prompts = torch.tensor([[1.0, 22.0, 18.0, 38.0, 42.0]])
+    calls = []
+    model.lnet.register_forward_hook(lambda *a: calls.append(1))
+    assert model.snet_losses(images, masks, topk=0)["loss"] is None
+    out = model.snet_losses(images, masks, topk=0, prompt_boxes=prompts)
+    assert not calls and out["theta"].shape == (1, 2, 3) and out["roi_target"].sum() > 0
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.lnet.parameters())
+    assert model.snet.encoder.conv1.weight.grad.abs().sum() > 0
+    both = model.snet_losses(images, masks, topk=3, prompt_boxes=prompts)
+    assert calls and both["theta"].shape == (3, 2, 3)
+    assert torch.allclose(both["theta"][2:], out["theta"]) and torch.equal(both["roi_target"][2:], out["roi_target"])
+
+
 # ---------------------------------------------------------------- losses
 def test_focal_loss_by_hand():
     x = torch.tensor([0.0, 2.0])

@@ -54,3 +54,14 @@ def test_snet_full_resolution(structure):
 def test_lsnet_paper_size_builds():
     m = LSNet(ModelConfig())
     assert m.lnet.encoder.depth == "resnet18" and m.snet.encoder.depth == "resnet34"
+
+
+def test_snet_width_widens_snet_only_and_is_checked():
+    """``ModelConfig.snet_width`` (ours): S-Net built at its own width, L-Net at ``width``; 0 = ``width``
+    (the paper's one width); a negative width is refused."""
+    m = LSNet(ModelConfig(width=8, snet_width=24))
+    assert m.lnet.encoder.conv1.out_channels == 8 and m.snet.encoder.conv1.out_channels == 24
+    assert LSNet(ModelConfig(width=8)).snet.encoder.conv1.out_channels == 8
+    assert ModelConfig.from_dict(ModelConfig(width=8, snet_width=24).to_dict()).snet_channels == 24
+    with pytest.raises(ValueError, match="snet_width"):
+        ModelConfig.from_dict({"width": 8, "snet_width": -1})

@@ -265,3 +265,15 @@ def test_cv_summary_means_and_sds_per_shift(tmp_path):
     assert s["clean"]["dsc"] == [60.0, round(100 * math.sqrt(0.02), 2), 2]
     assert s["noise"]["dsc"] == [40.0, 0.0, 1] and "box_dsc" not in s["noise"]
     assert summary_main([str(csv_path), "--group", "missing", "-o", str(out)]) == 2
+    # --keys/--into: only the named figures of the group replace a card's, the rest and the protocol stay
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"metrics": {"cv_estimate": {"protocol": "p", "command": "c", "by_shift": {
+        "clean": {"dsc": [1.0, 0.0, 4], "box_dsc": [2.0, 0.0, 4]}}}}}))
+    assert summary_main([str(csv_path), "--group", "cv_y", "--keys", "box_dsc", "--into", str(card), "-o", str(out),
+                         "--command", "cmd y"]) == 0
+    e = json.loads(out.read_text())["cv_estimate"]
+    assert e["by_shift"]["clean"] == {"dsc": [1.0, 0.0, 4], "box_dsc": [10.0, 0.0, 1]} and e["protocol"] == "p"
+    assert e["updates"] == [{"keys": ["box_dsc"], "group": "cv_y", "command": "cmd y"}]
+    for extra in (["--keys", "box_dsc"], ["--keys", "nope", "--into", str(card)], ["--keys", "precision", "--into", str(card)],
+                  ["--keys", "box_dsc", "--into", str(tmp_path / "none.json")]):
+        assert summary_main([str(csv_path), "--group", "cv_y", "-o", str(out), *extra]) == 2

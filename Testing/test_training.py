@@ -169,6 +169,8 @@ def test_evaluate_writes_tables_for_runs(trained, tmp_path):
         if r["vol_fp_slice_rate"] != "":
             assert float(r["vol_fp_slice_rate_pp"]) <= float(r["vol_fp_slice_rate"])
         assert r["vol_dsc_pp"] != "" and r["split"] == "val"
+    # boxes on the pancreas-free slices next to the organ: L-SNet has a box-prompt path, c2f has none
+    assert 0.0 <= float(rows[0]["box_fp_slice_rate"]) <= 1.0 and rows[1]["box_fp_slice_rate"] == ""
     md = (res / "results.md").read_text()
     first_table = md.split("\n\n")[0]
     assert first_table.count("\n| ") == 2 and "DSC %" in md  # two run rows after the header
@@ -377,6 +379,140 @@ def test_fine_tuning_stage_starts_from_a_run_and_keeps_frozen_parts_fixed(traine
         capsys.readouterr()
         assert main(_args("lsnet", tmp_path / f"bad{i}", cache_dir) + extra) == 2
         assert why in capsys.readouterr().err
+
+
+SNET_ALONE = ["--set", "lsnet.topk=0", "--set", "lsnet.prompt_boxes=1.0", "--set", 'train.phases=["snet"]',
+              "--set", "data.negative_fraction=0.0"]
+
+
+@pytest.fixture(scope="module")
+def snet_alone(tmp_path_factory, cache_dir):
+    """S-Net alone on box prompts at width 16 (L-Net width 8), one epoch of the tiny config."""
+    out = tmp_path_factory.mktemp("alone") / "snet_alone"
+    assert main(_args("lsnet", out, cache_dir) + SNET_ALONE + ["--set", "model.snet_width=16", "--set", "train.epochs=1"]) == 0
+    return out
+
+
+def test_snet_alone_on_prompt_boxes_trains_a_wider_snet_that_is_evaluated_not_exported(snet_alone, tmp_path, cache_dir, capsys):
+    """``lsnet.topk 0`` + ``train.phases ["snet"]`` + ``model.snet_width`` (training/configs/snet_boxes_cpu.json,
+    ours): S-Net alone learns from jittered ground-truth boxes at its own width; L-Net is never run in
+    training (its BatchNorm statistics stay at their start); training.evaluate scores the box-prompt
+    path; training.export refuses the run (its L-Net is untrained); topk 0 without prompt boxes and a
+    negative topk are refused."""
+    from training.evaluate import main as evaluate_main
+    from training.export import main as export_main
+
+    out = snet_alone
+    state = load_checkpoint(out / "checkpoints" / "last.pt")["system"]
+    assert state["model.snet.encoder.conv1.weight"].shape[0] == 16 and state["model.lnet.encoder.conv1.weight"].shape[0] == 8
+    counts = [v for k, v in state.items() if k.startswith("model.lnet.") and k.endswith("num_batches_tracked")]
+    assert counts and all(int(v) == 0 for v in counts)
+    assert {k for k in _rows(out / "history.csv")[0] if k.startswith("train_loss_")} == {"train_loss_snet"}
+    assert evaluate_main([str(out), "--checkpoint", "last", "--out", str(tmp_path / "ev")]) == 0
+    row = _rows(tmp_path / "ev" / "results.csv")[0]
+    assert 0.0 <= float(row["box_dsc"]) <= 1.0
+    capsys.readouterr()
+    assert export_main([str(out), "-o", str(tmp_path / "m.safetensors"), "--which", "last"]) == 2
+    assert "L-Net was never trained" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+    for i, (extra, why) in enumerate([(["--set", "lsnet.topk=0"], "prompt boxes alone"),
+                                      (["--set", "lsnet.topk=-1"], "whole number >= 0")]):
+        assert main(_args("lsnet", tmp_path / f"bad{i}", cache_dir) + extra) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_box_prompt_snets_join_an_exported_model_and_serve_only_boxes(trained, snet_alone, tmp_path, cache_dir, capsys):
+    """``training.export --box-snet RUN...`` (``config.box_snet_width``, ours): the file holds the
+    model's L-Net and S-Net unchanged plus one box-prompt S-Net per member; boxes go to that network
+    (the same output as the box run's own S-Net), the automatic path is the model's; the entry is kept
+    when the file is exported again; another patient split, another canvas and a wrong count are refused."""
+    from lsnet.app.cli import main as cli_main
+    from lsnet.architectures import load_model
+    from lsnet.method.ensemble import LSNetEnsemble
+    from lsnet.pipeline.inference import box_prompt_predict, lsnet_predict
+    from training.evaluate import main as evaluate_main
+    from training.export import main as export_main
+    from training.methods import build_system
+
+    plain, boxed = tmp_path / "plain.safetensors", tmp_path / "boxed.safetensors"
+    joint = str(trained["lsnet"])
+    assert export_main([joint, "-o", str(plain), "--which", "last", "--dtype", "float32"]) == 0
+    assert export_main([joint, "-o", str(boxed), "--which", "last", "--dtype", "float32", "--box-snet", str(snet_alone)]) == 0
+    m0, _ = load_model(plain)
+    m1, card = load_model(boxed)
+    assert m1.config.box_snet_width == 16 and card["box_prompt_snet"]["members"][0]["run"] == str(snet_alone)
+    capsys.readouterr()
+    assert cli_main(["info", str(boxed)]) == 0 and "box-prompt S-Net of width 16" in capsys.readouterr().out
+    ck = load_checkpoint(snet_alone / "checkpoints" / "last.pt")
+    alone = build_system(ck["config"])
+    alone.load_state_dict(ck["system"])
+    alone.eval()
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 64, 64)
+    boxes, batch = torch.tensor([[10.0, 12.0, 40.0, 44.0], [20.0, 8.0, 50.0, 30.0]]), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.allclose(box_prompt_predict(m1, x, boxes, batch), box_prompt_predict(alone.model, x, boxes, batch), atol=1e-5)
+        assert not torch.allclose(box_prompt_predict(m1, x, boxes, batch), box_prompt_predict(m0, x, boxes, batch), atol=1e-3)
+        assert torch.equal(lsnet_predict(m1, x)[0], lsnet_predict(m0, x)[0])
+    # an ensemble gets one box S-Net per member; exporting the file again keeps them and the card entry
+    ens, again = tmp_path / "ens.safetensors", tmp_path / "again.safetensors"
+    assert export_main([joint, joint, "-o", str(ens), "--which", "last", "--dtype", "float32",
+                        "--box-snet", str(snet_alone), str(snet_alone)]) == 0
+    assert export_main([str(ens), "-o", str(again)]) == 0
+    m2, card2 = load_model(again)
+    assert isinstance(m2, LSNetEnsemble) and len(m2.box_snet.nets) == 2 and len(card2["box_prompt_snet"]["members"]) == 2
+    # the exported file scored on the runs' held-out fold (--weights-config): slice figures are the joint
+    # run's, box-prompt figures the box run's (two copies average to one)
+    assert evaluate_main([str(ens), "--weights-config", str(TINY), "--weights-fold", "0", "--cache-dir", str(cache_dir),
+                          "--out", str(tmp_path / "ev_file")]) == 0
+    assert evaluate_main([joint, str(snet_alone), "--checkpoint", "last", "--out", str(tmp_path / "ev_runs")]) == 0
+    (f,), (j, b) = _rows(tmp_path / "ev_file" / "results.csv"), _rows(tmp_path / "ev_runs" / "results.csv")
+    assert abs(float(f["dsc"]) - float(j["dsc"])) < 1e-3 and abs(float(f["box_dsc"]) - float(b["box_dsc"])) < 1e-3
+    other = tmp_path / "other_fold"
+    assert main(_args("lsnet", other, cache_dir) + SNET_ALONE + ["--set", "data.fold=1", "--set", "train.epochs=1"]) == 0
+    canvas = tmp_path / "other_canvas"
+    assert main(_args("lsnet", canvas, cache_dir) + SNET_ALONE + ["--set", "model.roi_size=32", "--set", "train.epochs=1"]) == 0
+    for i, (extra, why) in enumerate([([str(snet_alone), str(snet_alone)], "give one per member"),
+                                      ([str(other)], "another patient split"),
+                                      ([str(canvas)], "roi_size")]):
+        capsys.readouterr()
+        assert export_main([joint, "-o", str(tmp_path / f"bad{i}.safetensors"), "--which", "last", "--box-snet", *extra]) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_negative_prompt_boxes_and_the_neighbour_slices_of_the_box_fp_test():
+    """Negative prompts (``lsnet.prompt_negatives``, ours) sit only on pancreas-free slices and copy the
+    pixels of a prompt box of the batch; the box-prompt FP test takes the pancreas-free slices within
+    ``BOX_NEIGHBOUR_SLICES`` of the organ, each with its nearest slice with pancreas."""
+    import numpy as np
+
+    from training.evaluate import neighbour_slices
+    from training.methods import jittered_prompt_boxes, negative_prompt_boxes
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 64, 64)
+    masks[[1, 4], 20:30, 20:40] = 1
+    prompts = jittered_prompt_boxes(masks, 1.0, (0.0, 2.0), 0.0, 1.0, g)
+    neg = negative_prompt_boxes(masks, prompts, 1.0, g)
+    assert sorted(neg[:, 0].long().tolist()) == [0, 2, 3, 5]
+    assert all(any(torch.equal(n[1:], p[1:]) for p in prompts) for n in neg)
+    assert len(negative_prompt_boxes(masks, prompts, 0.0, g)) == 0 and len(negative_prompt_boxes(masks, prompts[:0], 1.0, g)) == 0
+    has = np.zeros(20, bool)
+    has[[8, 9, 11]] = True
+    assert neighbour_slices(has, 2) == ([6, 7, 10, 12, 13], [8, 8, 9, 11, 11])
+    assert neighbour_slices(np.zeros(5, bool)) == ([], [])
+
+
+def test_a_phase_with_no_roi_in_the_batch_makes_no_step():
+    """S-Net on prompt boxes alone and a batch without pancreas: no loss, no optimiser step."""
+    from training.methods import LSNetSystem
+    from lsnet.config import ModelConfig
+
+    torch.manual_seed(0)
+    system = LSNetSystem(ModelConfig(width=8, roi_size=64), topk=0, prompt_boxes=1.0)
+    opt = torch.optim.Adam(system.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in system.parameters()]
+    assert train_iteration(system, system, opt, ["snet"], torch.rand(2, 1, 64, 64), torch.zeros(2, 64, 64), 0.1) == {}
+    assert all(torch.equal(a, p) for a, p in zip(before, system.parameters())) and not opt.state
 
 
 def test_fine_tuning_stage_from_a_member_of_an_exported_ensemble(trained, tmp_path, cache_dir, capsys):

@@ -165,6 +165,18 @@ def test_card_for_other_width_does_not_match_tensors(tmp_path, good):
     _refused(path, "does not match the architecture", "wrong shapes")
 
 
+def test_wider_snet_round_trips_and_a_card_without_its_width_is_refused(tmp_path):
+    torch.manual_seed(0)
+    path = save_model(LSNet(ModelConfig(**{**TINY, "snet_width": 16})), tmp_path / "wide.safetensors", {"name": "wide"})
+    model, _ = load_model(path)
+    assert model.snet.encoder.conv1.out_channels == 16 and model.lnet.encoder.conv1.out_channels == TINY["width"]
+    card = json.loads(card_path_for(path).read_text())
+    card["config"]["snet_width"] = 0  # a card that forgets S-Net's own width
+    card.pop("sha256")
+    card_path_for(path).write_text(json.dumps(card))
+    _refused(path, "does not match the architecture")
+
+
 def test_card_with_wrong_sha256_is_refused(tmp_path, good):
     path = _copy(good, tmp_path)
     card = json.loads(card_path_for(path).read_text())

@@ -7,7 +7,9 @@ Sections (defaults = the paper's settings, section 3.1, where it gives them):
              Table 1 on ResNet34), "c2f" (2-D coarse-to-fine: coarse U-Net -> box padded 15 px -> hard
              crop -> fine network).
 ``model``    :class:`lsnet.config.ModelConfig` fields (architecture, window, spacing, alpha, gamma...).
-``lsnet``    ``topk`` (3: keypoint drawn among the top-3 peaks), ``roi_mode`` ("rr" = differentiable RoI
+``lsnet``    ``topk`` (3: keypoint drawn among the top-3 peaks; 0, ours: no L-Net RoI, S-Net learns from the
+             ``prompt_boxes`` alone - an S-Net-only experiment, L-Net is not run), ``prompt_negatives`` (0; ours:
+             the share of pancreas-free slices that get a prompt box of the batch and an empty target), ``roi_mode`` ("rr" = differentiable RoI
              recalibration; "crop" = hard crop of the quantised box without gradient to L-Net, the
              Table 2 ablation).
 ``baseline`` ``backbone`` (resnet34), ``coarse_backbone`` (resnet18), ``structure`` ("unet"/"fcn"),
@@ -64,7 +66,7 @@ DEFAULTS: dict = {
     "method": "lsnet",
     "model": ModelConfig().to_dict(),
     "lsnet": {"topk": 3, "roi_mode": "rr", "prompt_boxes": 0.0, "prompt_jitter_mm": [-2.0, 10.0],
-              "prompt_shift": 0.1},
+              "prompt_shift": 0.1, "prompt_negatives": 0.0},
     "baseline": {"backbone": "resnet34", "coarse_backbone": "resnet18", "structure": "unet", "pad": 15,
                  "fine_box": "gt", "jitter": 8},
     "loss": {"kind": "paper"},
@@ -164,6 +166,16 @@ def validate(cfg: dict) -> dict:
         raise InputError(f"data.crop = {crop} must be a multiple of 32 (L-Net down-samples 5 times)")
     if cfg["lsnet"]["roi_mode"] not in ("rr", "crop"):
         raise InputError("lsnet.roi_mode must be 'rr' or 'crop'")
+    for key in ("prompt_boxes", "prompt_negatives"):
+        v = cfg["lsnet"][key]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) <= 1.0:
+            raise InputError(f"lsnet.{key} is a share of slices, from 0 to 1; not {v!r}")
+    topk = cfg["lsnet"]["topk"]
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
+        raise InputError(f"lsnet.topk must be a whole number >= 0, not {topk!r}")
+    if topk == 0 and (cfg["lsnet"]["roi_mode"] != "rr" or not float(cfg["lsnet"]["prompt_boxes"]) > 0):
+        raise InputError("lsnet.topk 0 trains S-Net on prompt boxes alone: it needs lsnet.roi_mode 'rr' and "
+                         "lsnet.prompt_boxes > 0 (e.g. 1.0)")
     freeze = cfg["train"]["freeze"]
     if not isinstance(freeze, list) or any(not isinstance(n, str) or not n for n in freeze):
         raise InputError(f"train.freeze must be a list of sub-module names such as [\"model.lnet\"], not {freeze!r}")

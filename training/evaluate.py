@@ -63,16 +63,17 @@ from .train import CachedCase, load_checkpoint, resolve_device
 log = logging.getLogger("training.evaluate")
 
 COLUMNS = ["label", "method", "fold", "split", "shift", "checkpoint", "epoch", "patients", "slices_fg", "slices_bg", "dsc",
-           "dsc_sd", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
+           "dsc_sd", "precision", "recall", "miou", "box_dsc", "box_fp_slice_rate", "fp_slice_rate", "volumes", "vol_dsc", "hd95_mm", "vol_dsc_pp", "hd95_pp_mm",
            "vol_fp_slice_rate", "vol_fp_slice_rate_pp", "slices_fg_real", "slices_bg_real", "dsc_real", "precision_real",
-           "recall_real", "miou_real", "box_dsc_real", "fp_slice_rate_real", "vol_dsc_pp_real", "vol_fp_slice_rate_pp_real",
+           "recall_real", "miou_real", "box_dsc_real", "box_fp_slice_rate_real", "fp_slice_rate_real", "vol_dsc_pp_real", "vol_fp_slice_rate_pp_real",
            "heatmap_threshold", "mask_threshold", "min_fraction", "roi_zooms", "seconds", "run"]
 
 
 def load_weights_as_run(weights: Path, config_path: str, fold: int) -> tuple:
-    """An exported model (``.safetensors`` + card) as a run: ``(config, state, name)`` whose data and
-    split come from ``config_path`` with ``data.fold = fold`` and whose network is the card's, so the
-    model a user ships is evaluated on the same held-out patients as the training runs."""
+    """An exported model (``.safetensors`` + card) as a run: ``(config, system, name)`` whose data and
+    split come from ``config_path`` with ``data.fold = fold`` and whose network is the card's (one
+    model, an ensemble, with or without box-prompt S-Nets), so the model a user ships is evaluated on
+    the same held-out patients as the training runs."""
     from lsnet.architectures import load_model
 
     from .config import load_config
@@ -82,9 +83,8 @@ def load_weights_as_run(weights: Path, config_path: str, fold: int) -> tuple:
     cfg["model"] = model.config.to_dict()
     cfg["method"] = model.config.architecture
     system = build_system(cfg)
-    target = system.model if hasattr(system, "model") else system
-    target.load_state_dict(model.state_dict())
-    return cfg, {"system": system.state_dict(), "epoch": -1}, f"weights {card.get('sha256', '')[:8]}"
+    system.model = model  # the loaded network as it is (an ensemble has another layout than one system)
+    return cfg, system, f"weights {card.get('sha256', '')[:8]}"
 
 
 def load_run(run_dir: Path, which: str = "best") -> tuple:
@@ -109,7 +109,10 @@ def evaluated_system(run: "Path | tuple | list", which: str) -> tuple:
     exported model ``(weights, config.json, fold)`` or of a list of run folders (their ensemble)."""
     if isinstance(run, list):
         return ensemble_of_runs(run, which)
-    cfg, state, ck_name = load_weights_as_run(*run) if isinstance(run, tuple) else load_run(run, which)
+    if isinstance(run, tuple):
+        cfg, system, name = load_weights_as_run(*run)
+        return cfg, system, name, -1
+    cfg, state, ck_name = load_run(run, which)
     return cfg, loaded_system(cfg, state), ck_name, int(state["epoch"])
 
 
@@ -201,6 +204,23 @@ def prompt_boxes_of(masks: torch.Tensor, grow_px: float) -> tuple:
 BOX_PROMPT_GROW_MM = 4.0
 """Box-prompt DSC: S-Net inside the ground-truth box grown by 4 mm a side (a user's loose box)."""
 
+BOX_NEIGHBOUR_SLICES = 5
+"""Box-prompt false positives: in a contiguous volume, each pancreas-free slice up to this many slices
+beyond the first or last slice with pancreas gets the box-prompt test's box of the nearest slice with
+pancreas (a user's box dragged over a slice range a little longer than the organ); ``box_fp_slice_rate``
+is the share of those slices on which S-Net returns any mask."""
+
+
+def neighbour_slices(has_fg: np.ndarray, reach: int = BOX_NEIGHBOUR_SLICES) -> tuple:
+    """``(slices, nearest)``: the pancreas-free slices within ``reach`` slices of the first/last slice
+    with foreground of a volume (``has_fg (K,)`` bool), and for each the nearest slice with foreground."""
+    fg = np.flatnonzero(has_fg)
+    if not len(fg):
+        return [], []
+    lo, hi = int(fg[0]), int(fg[-1])
+    near = [k for k in range(max(0, lo - reach), min(len(has_fg), hi + reach + 1)) if not has_fg[k]]
+    return near, [int(fg[np.argmin(np.abs(fg - k))]) for k in near]
+
 
 @torch.no_grad()
 def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int = 8, amp: bool = False,
@@ -243,17 +263,20 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
             lo, hi = max(0, k - thick), min(K, k + thick + 1)
             return np.asarray(img[lo:hi], np.float32).mean(0)
 
-        for k0 in range(0, K, batch_size):
-            ks = list(range(k0, min(K, k0 + batch_size)))
+        def inputs(ks: list, seed: int) -> torch.Tensor:  # (len(ks), C, H, W) network input of slices ks
             if in_ch == 1:
                 x = np.stack([plane(k) for k in ks])[:, None]
             else:
                 nb = [meta["slices"][k]["nb"] for k in ks]
                 x = np.stack([np.stack([plane(a), plane(k), plane(b)]) for k, (a, b) in zip(ks, nb)])
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device) * (1.0 / IMAGE_SCALE)
-            xt = apply_shift(xt, shift, sp, seed=ci * 100003 + k0)
+            return apply_shift(xt, shift, sp, seed=seed)
+
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+        for k0 in range(0, K, batch_size):
+            ks = list(range(k0, min(K, k0 + batch_size)))
+            xt = inputs(ks, ci * 100003 + k0)
             mt = torch.from_numpy(np.array(lab[k0 : ks[-1] + 1])).to(device) > 0
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
             with ctx:
                 out = system.predict(xt)
             pred = out["prob"].float() > mask_threshold
@@ -277,6 +300,15 @@ def evaluate_system(system, cache: SliceCache, case_ids, device, batch_size: int
                 add("box_dsc", slice_scores(pb, mt)["dsc"])
             if pred_vol is not None:
                 pred_vol[k0 : ks[-1] + 1] = pred.cpu().numpy()
+        if box_prompt and contiguous:  # boxes on the pancreas-free slices next to the organ
+            near, nearest = neighbour_slices(np.asarray(lab).reshape(K, -1).any(1))
+            for j0 in range(0, len(near), batch_size):
+                ks, src = near[j0 : j0 + batch_size], nearest[j0 : j0 + batch_size]
+                xt = inputs(ks, ci * 100003 + 50021 + j0)
+                boxes, _ = prompt_boxes_of(torch.from_numpy(np.array(lab[src])).to(device) > 0, BOX_PROMPT_GROW_MM / sp)
+                with ctx:
+                    pb = box_prompt_predict(model, xt, boxes, torch.arange(len(ks), device=device)) > mask_threshold
+                add("box_fp_slice_rate", pb.flatten(1).any(1).float())
         if pred_vol is not None:
             sz = meta["spacing"][2] or 1.0
             gt = np.asarray(lab) > 0
@@ -385,13 +417,14 @@ def _fmt(v, pct: bool = True) -> str:
 
 def to_markdown(rows: list) -> str:
     head = ["run", "shift", "method", "fold", "ckpt (epoch)", "patients", "fg / bg slices", "DSC %", "Precision %",
-            "Recall %", "mIoU %", "box-prompt DSC %", "FP-slice %", "volumes", "vol DSC %", "HD95 mm"]
+            "Recall %", "mIoU %", "box-prompt DSC %", "box-prompt FP-slice %", "FP-slice %", "volumes", "vol DSC %", "HD95 mm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["label"], r.get("shift", "clean"), r["method"], str(r["fold"]), f"{r['checkpoint']} ({r['epoch']})", str(r["patients"]),
             f"{r['slices_fg']} / {r['slices_bg']}", f"{_fmt(r.get('dsc'))} +- {_fmt(r.get('dsc_sd'))}", _fmt(r.get("precision")), _fmt(r.get("recall")),
-            _fmt(r.get("miou")), _fmt(r.get("box_dsc")), _fmt(r.get("fp_slice_rate")), str(r.get("volumes", 0)), _fmt(r.get("vol_dsc")),
+            _fmt(r.get("miou")), _fmt(r.get("box_dsc")), _fmt(r.get("box_fp_slice_rate")), _fmt(r.get("fp_slice_rate")),
+            str(r.get("volumes", 0)), _fmt(r.get("vol_dsc")),
             _fmt(r.get("hd95_mm"), pct=False)]) + " |")
     # summary over folds per label prefix (run label without a trailing "_fN")
     groups: dict = {}
@@ -401,11 +434,11 @@ def to_markdown(rows: list) -> str:
         for title, suffix in (("Mean +- SD over runs (folds):", ""),
                               ("The same over the patients only (no synthetic phantom among the held-out cases):", "_real")):
             lines += ["", title, "",
-                      "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | FP-slice % | "
-                      "volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| method | shift | runs | DSC % | Precision % | Recall % | mIoU % | box-prompt DSC % | box-prompt FP-slice % | "
+                      "FP-slice % | volume FP-slice % after the volume step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for (name, shift), g in groups.items():
                 cells = []
-                for k in ("dsc", "precision", "recall", "miou", "box_dsc", "fp_slice_rate", "vol_fp_slice_rate_pp"):
+                for k in ("dsc", "precision", "recall", "miou", "box_dsc", "box_fp_slice_rate", "fp_slice_rate", "vol_fp_slice_rate_pp"):
                     v = [x[k + suffix] for x in g if x.get(k + suffix) is not None]
                     cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "-")
                 lines.append(f"| {name} | {shift} | {len(g)} | " + " | ".join(cells) + " |")

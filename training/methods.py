@@ -90,9 +90,26 @@ def jittered_prompt_boxes(masks: torch.Tensor, fraction: float, side_mm: tuple, 
     return torch.cat([idx.float().unsqueeze(1), out], 1)
 
 
+def negative_prompt_boxes(masks: torch.Tensor, prompts: torch.Tensor, fraction: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boxes on slices without foreground (ours, not the paper): each such slice of the batch, with
+    probability ``fraction``, gets the pixels of a random prompt box of the batch (``prompts`` ``(N, 5)``,
+    from :func:`jittered_prompt_boxes`), so that S-Net learns to return nothing where a user's box holds
+    no organ (one box dragged over a slice range beyond the pancreas).  ``masks`` ``(B, H, W)``;
+    returns ``(M, 5)`` = ``(slice, x0, y0, x1, y1)``."""
+    dev = masks.device
+    empty = ~(masks > 0.5).flatten(1).any(1)
+    pick = empty & (torch.rand(empty.shape, device=dev, generator=generator) < fraction)
+    idx = torch.nonzero(pick).flatten()
+    if not len(idx) or not len(prompts):
+        return torch.zeros(0, 5, device=dev)
+    src = prompts[torch.randint(len(prompts), (len(idx),), device=dev, generator=generator)]
+    return torch.cat([idx.float().unsqueeze(1), src[:, 1:]], 1)
+
+
 class LSNetSystem(nn.Module):
     def __init__(self, mc: ModelConfig, topk: int = 3, roi_mode: str = "rr", prompt_boxes: float = 0.0,
-                 prompt_jitter_mm: tuple = (-2.0, 10.0), prompt_shift: float = 0.1):
+                 prompt_jitter_mm: tuple = (-2.0, 10.0), prompt_shift: float = 0.1, prompt_negatives: float = 0.0):
         super().__init__()
         self.model = LSNet(mc)
         self.topk = topk
@@ -100,6 +117,7 @@ class LSNetSystem(nn.Module):
         self.prompt_boxes = float(prompt_boxes)
         self.prompt_jitter_mm = tuple(float(v) for v in prompt_jitter_mm)
         self.prompt_shift = float(prompt_shift)
+        self.prompt_negatives = float(prompt_negatives)
 
     @property
     def config(self) -> ModelConfig:
@@ -117,6 +135,8 @@ class LSNetSystem(nn.Module):
                 if self.prompt_boxes > 0 and self.training:
                     prompts = jittered_prompt_boxes(masks, self.prompt_boxes, self.prompt_jitter_mm, self.prompt_shift,
                                                     self.config.roi_source_spacing)
+                    if self.prompt_negatives > 0:
+                        prompts = torch.cat([prompts, negative_prompt_boxes(masks, prompts, self.prompt_negatives)])
                 return self.model.snet_losses(images, masks, gamma=gamma, topk=self.topk, prompt_boxes=prompts)
             return self._snet_crop(images, masks)
         if mode == "predict":
@@ -292,7 +312,7 @@ def build_system(cfg: dict) -> nn.Module:
         if ls["roi_mode"] != "rr" and mc.roi_source_factor != 1:
             raise InputError("lsnet.roi_mode=crop (Table 2's ablation) is defined on L-Net's grid: use model.roi_source_factor=1")
         return LSNetSystem(mc, int(ls["topk"]), ls["roi_mode"], float(ls["prompt_boxes"]), tuple(ls["prompt_jitter_mm"]),
-                           float(ls["prompt_shift"]))
+                           float(ls["prompt_shift"]), float(ls.get("prompt_negatives", 0.0)))  # older runs lack the key
     if m in ("unet", "fcn"):
         return SegSystem(mc, m, bl["backbone"], loss)
     if m in SEED_ARCHITECTURES:

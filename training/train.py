@@ -229,7 +229,7 @@ def _weights_file_state(path: Path, cfg: dict) -> tuple:
         nets, mc = {"lnet": model.lnet, "snet": model.snet}, model.config
     want = model_config(cfg)
     arch = [k for k, v in want.to_dict().items()
-            if k not in ("heatmap_threshold", "mask_threshold", "roi_zooms") and mc.to_dict().get(k) != v]
+            if k not in ("heatmap_threshold", "mask_threshold", "roi_zooms", "box_snet_width") and mc.to_dict().get(k) != v]
     if arch:
         raise InputError(f"train.init_from: {path} has another model configuration ({', '.join(arch)} differ from "
                          "the 'model' section); use the configuration it was trained with")
@@ -367,7 +367,9 @@ def validate(system, loader, device, autocast, cfg: dict) -> dict:
             acc.add("val_miou", object_best_ious(comp.boxes, comp.batch, out["boxes"], out["box_batch"]))
         with autocast():
             for mode in training_phases(cfg):
-                acc.add(f"val_loss_{mode}", float(system(mode, x, m)["loss"].float()))
+                loss = system(mode, x, m)["loss"]
+                if loss is not None:
+                    acc.add(f"val_loss_{mode}", float(loss.float()))
     system.train(was_training)
     return {k: v for k, v in acc.result().items()}
 
@@ -631,12 +633,16 @@ def write_summary(out: Path, cfg: dict, history: list, device: torch.device, ave
 def train_iteration(ddp, system, opt, phases, x, m, gamma: float, autocast=nullcontext) -> dict:
     """One iteration: for each phase (``["lnet", "snet"]`` for L-SNet) zero the gradients, forward in
     that mode, backward, Adam step.  In the ``snet`` phase with ``gamma == 0`` L-Net's gradients are
-    dropped so that it does not move at all.  Returns the phase losses as floats."""
+    dropped so that it does not move at all.  A phase with nothing to learn from in this batch (S-Net
+    on prompt boxes alone, ``lsnet.topk 0``, and no slice with pancreas) returns ``loss None`` and makes
+    no step.  Returns the phase losses as floats."""
     row = {}
     for mode in phases:
         opt.zero_grad(set_to_none=True)
         with autocast():
             res = ddp(mode, x, m, gamma=gamma) if mode == "snet" else ddp(mode, x, m)
+        if res["loss"] is None:
+            continue
         loss = res["loss"].float()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {mode} loss; lower train.lr or check the data")

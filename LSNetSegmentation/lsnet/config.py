@@ -25,8 +25,16 @@ class ModelConfig:
     snet_structure: str = "unet"  # paper: "U-Net" or "FCN" basic structure (Table 1)
     width: int = 64
     """Channels of the first ResNet stage. 64 = torchvision ResNet (paper). *open*: the bundled model
-    uses a narrower network (32) so that the weights stay a git-friendly size and match the small
+    uses a narrower network (16) so that the weights stay a git-friendly size and match the small
     amount of real data we can train on."""
+    snet_width: int = 0
+    """*ours*: channels of S-Net's first ResNet stage when S-Net is to be wider (or narrower) than L-Net;
+    0 = ``width`` (one width for both networks, as in the paper)."""
+    box_snet_width: int = 0
+    """*ours*: 0 = user-drawn boxes (the box-prompt path, ``Segmenter.segment_box``) go to S-Net, one network
+    for both paths as in the paper; > 0 = the model also holds a second S-Net of this width (same
+    structure and backbone), trained on jittered ground-truth boxes alone, that serves only box prompts
+    (``lsnet.method.model.box_prompt_snet``); the automatic path is unchanged."""
     in_channels: int = 1
     """1 = one isolated axial slice (paper). 3 = 2.5-D (slice k-1, k, k+1 as channels), opt-in."""
     num_classes: int = 1
@@ -89,6 +97,11 @@ class ModelConfig:
     keys and defaults are documented in each module (``*_DEFAULTS``); empty for ``lsnet``."""
 
     @property
+    def snet_channels(self) -> int:
+        """Width S-Net is built with: ``snet_width``, or ``width`` when that is 0."""
+        return self.snet_width or self.width
+
+    @property
     def roi_source_spacing(self) -> float:
         """Pixel size (mm) of the canvas RR samples from and the network input is cut from:
         ``spacing / roi_source_factor`` (= ``spacing``, L-Net's own grid, for the paper's factor 1)."""
@@ -109,6 +122,9 @@ class ModelConfig:
         d = dict(d)
         if "window" in d:
             d["window"] = tuple(float(v) for v in d["window"])
+        for key in ("snet_width", "box_snet_width"):
+            if int(d.get(key, 0)) < 0:
+                raise ValueError(f"{key} must be 0 or a positive channel count; got {d[key]}")
         if "roi_zooms" in d:
             d["roi_zooms"] = tuple(float(v) for v in d["roi_zooms"])
             if not d["roi_zooms"] or min(d["roi_zooms"]) <= 0:

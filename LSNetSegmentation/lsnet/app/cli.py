@@ -306,6 +306,10 @@ def cmd_info(args) -> int:
           f"{cfg.get('snet_structure')}, width {cfg.get('width')}, {cfg.get('in_channels')} input channel(s)")
     if int(cfg.get("ensemble", 1) or 1) > 1:
         print(f"  ensemble     : {cfg['ensemble']} members averaged (heatmaps, box distances, mask probabilities)")
+    if int(cfg.get("snet_width", 0) or 0):
+        print(f"  S-Net width  : {cfg['snet_width']}")
+    if int(cfg.get("box_snet_width", 0) or 0):
+        print(f"  box prompts  : a box-prompt S-Net of width {cfg['box_snet_width']} per member segments user-drawn boxes")
     f = int(cfg.get("roi_source_factor", 1) or 1)
     source = f" sampled from a {float(cfg.get('spacing', 0)) / f:g} mm canvas" if f > 1 else ""
     print(f"  preprocessing: window {cfg.get('window')} HU, in-plane spacing {cfg.get('spacing')} mm, RoI {cfg.get('roi_size')} px{source}")

@@ -16,7 +16,8 @@ way to a steadier model.  :class:`LSNetEnsemble` has the same interface as :clas
 
 All members share one :class:`~lsnet.config.ModelConfig` (same architecture, canvas, RoI size,
 thresholds); ``config.ensemble`` is their number.  Stored as one weights file: the state dict keys are
-``lnet.nets.<i>.*`` and ``snet.nets.<i>.*`` (``lsnet.architectures.build_model`` builds this class for
+``lnet.nets.<i>.*`` and ``snet.nets.<i>.*`` (and ``box_snet.nets.<i>.*`` with ``config.box_snet_width``,
+averaged like S-Net) (``lsnet.architectures.build_model`` builds this class for
 an ``lsnet`` card with ``ensemble > 1``).  Inference costs ``ensemble`` times the networks of one model.
 """
 
@@ -83,6 +84,8 @@ class LSNetEnsemble(nn.Module):
         self.config = config
         self.lnet = MeanLNet([m.lnet for m in models])
         self.snet = MeanSNet([m.snet for m in models])
+        if config.box_snet_width:  # the members' box-prompt S-Nets, averaged like S-Net
+            self.box_snet = MeanSNet([m.box_snet for m in models])
 
     @classmethod
     def from_models(cls, models: list) -> "LSNetEnsemble":

@@ -47,7 +47,9 @@ class LSNet(nn.Module):
         self.config = config or ModelConfig()
         c = self.config
         self.lnet = LNet(c.lnet_backbone, c.in_channels, c.width)
-        self.snet = build_snet(c.snet_structure, c.snet_backbone, c.in_channels, c.num_classes, c.width)
+        self.snet = build_snet(c.snet_structure, c.snet_backbone, c.in_channels, c.num_classes, c.snet_channels)
+        if c.box_snet_width:  # ours: a second S-Net for user-drawn boxes only (config.box_snet_width)
+            self.box_snet = build_snet(c.snet_structure, c.snet_backbone, c.in_channels, c.num_classes, c.box_snet_width)
 
     # ---------------------------------------------------------------- training (section 2.5)
     def lnet_losses(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -77,24 +79,31 @@ class LSNet(nn.Module):
         ``prompt_boxes`` ``(N, 5)`` = ``(slice, x0, y0, x1, y1)`` in pixels of ``images`` (ours, not
         the paper): extra RoIs, e.g. jittered ground-truth boxes, that train S-Net for user-drawn boxes
         (``Segmenter.segment_box``); they carry no gradient into L-Net and join the same loss.
+        ``topk = 0`` (ours) draws no L-Net RoI at all: S-Net trains on the prompt boxes alone and L-Net
+        is not run; with no prompt box in the batch the result is ``{"loss": None}`` (no step).
         """
         c = self.config
         f = c.roi_source_factor
         gamma = c.gamma if gamma is None else gamma
-        small = pool_to_lnet(images, f)
-        logits, T = self.lnet(small)
-        heat = torch.sigmoid(logits.detach().float())
-        cells, scores = sample_topk_keypoints(heat, topk)
-        batch = torch.arange(images.shape[0], device=images.device)
-        rois = rois_from_cells(T.float(), batch, cells, scores, c.min_box_size)
-        theta = theta_from_box(rois.keypoints, rois.ltrb, small.shape[-2:], c.alpha)
-        theta = decay_gradient(theta, gamma)
-        src, src_masks = images, masks
+        small_hw = (images.shape[-2] // f, images.shape[-1] // f)
+        thetas, src, src_masks = [], [], []
+        if topk > 0:
+            logits, T = self.lnet(pool_to_lnet(images, f))
+            heat = torch.sigmoid(logits.detach().float())
+            cells, scores = sample_topk_keypoints(heat, topk)
+            batch = torch.arange(images.shape[0], device=images.device)
+            rois = rois_from_cells(T.float(), batch, cells, scores, c.min_box_size)
+            thetas.append(decay_gradient(theta_from_box(rois.keypoints, rois.ltrb, small_hw, c.alpha), gamma))
+            src.append(images)
+            src_masks.append(masks)
         if prompt_boxes is not None and len(prompt_boxes):
             idx = prompt_boxes[:, 0].long()
-            extra = theta_from_xyxy(prompt_boxes[:, 1:] / f, small.shape[-2:], c.alpha)
-            theta = torch.cat([theta, extra.to(theta.dtype)])
-            src, src_masks = torch.cat([images, images[idx]]), torch.cat([masks, masks[idx]])
+            thetas.append(theta_from_xyxy(prompt_boxes[:, 1:].float() / f, small_hw, c.alpha))
+            src.append(images[idx])
+            src_masks.append(masks[idx])
+        if not thetas:
+            return {"loss": None}
+        theta, src, src_masks = torch.cat(thetas), torch.cat(src), torch.cat(src_masks)
         size = (c.roi_size, c.roi_size)
         roi = recalibrate(src, theta, size)
         with torch.no_grad():
@@ -112,6 +121,14 @@ class LSNet(nn.Module):
         """``(B, C, H, W)`` -> L-Net outputs (heatmap probabilities, T); see ``inference.py`` for the rest."""
         logits, T = self.lnet(images)
         return torch.sigmoid(logits), T
+
+
+def box_prompt_snet(model: nn.Module) -> nn.Module:
+    """The network that segments user-drawn boxes: ``model.box_snet`` when the model has one
+    (``config.box_snet_width > 0``, ours), else S-Net (the paper's one network).  ``model`` is an
+    ``LSNet`` or an ``LSNetEnsemble``."""
+    box = getattr(model, "box_snet", None)
+    return model.snet if box is None else box
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -37,7 +37,7 @@ from lsnet.io.dicom_info import check_field_of_view
 from lsnet.io.geometry import Volume, to_canonical
 from lsnet.io.volume import read_volume
 from lsnet.method.decode import decode
-from lsnet.method.model import pool_to_lnet
+from lsnet.method.model import box_prompt_snet, pool_to_lnet
 from lsnet.method.recalibration import (
     paste_back,
     recalibrate,
@@ -111,9 +111,10 @@ def lsnet_predict(model, x: torch.Tensor, out_hw=None, scale=(1.0, 1.0), autocas
 
 
 def snet_on_rois(model, x: torch.Tensor, theta: torch.Tensor, batch: torch.Tensor, out_hw: tuple, scale=(1.0, 1.0),
-                 autocast=nullcontext) -> torch.Tensor:
-    """RR (Eqs. 2-3) of the RoIs ``theta`` ``(N, 2, 3)`` from ``x[batch]``, S-Net, theta^-1 (Eq. 4) into
-    ``out_hw``, max over the RoIs of each slice -> probability ``(B, H', W')`` (B = ``x.shape[0]``).
+                 autocast=nullcontext, net=None) -> torch.Tensor:
+    """RR (Eqs. 2-3) of the RoIs ``theta`` ``(N, 2, 3)`` from ``x[batch]``, S-Net (or ``net``, e.g. the
+    box-prompt S-Net), theta^-1 (Eq. 4) into ``out_hw``, max over the RoIs of each slice -> probability
+    ``(B, H', W')`` (B = ``x.shape[0]``).
 
     With ``config.roi_zooms`` other than ``(1.0,)`` (ours, test-time augmentation) each RoI is sampled
     once per zoom factor (theta's scales times the factor, same centre), and its pasted-back
@@ -128,7 +129,7 @@ def snet_on_rois(model, x: torch.Tensor, theta: torch.Tensor, batch: torch.Tenso
         theta[:, 1, 1] = theta[:, 1, 1] * z
     roi = recalibrate(x[batch.repeat(len(zooms))], theta, (c.roi_size, c.roi_size))
     with autocast():
-        m = model.snet(roi)
+        m = (model.snet if net is None else net)(roi)
     pasted = paste_back(torch.sigmoid(m.float()[:, :1]), theta, out_hw, scale)[:, 0]
     if len(zooms) > 1:
         pasted = pasted.view(len(zooms), n, *pasted.shape[-2:]).mean(0)
@@ -137,7 +138,8 @@ def snet_on_rois(model, x: torch.Tensor, theta: torch.Tensor, batch: torch.Tenso
 
 def box_prompt_predict(model, x: torch.Tensor, boxes: torch.Tensor, batch: torch.Tensor, out_hw=None,
                        scale=(1.0, 1.0), autocast=nullcontext) -> torch.Tensor:
-    """S-Net alone inside given boxes (a user's RoIs; the box-prompt path of ``Segmenter.segment_box``).
+    """S-Net alone inside given boxes (a user's RoIs; the box-prompt path of ``Segmenter.segment_box``):
+    the model's box-prompt S-Net when it has one (``config.box_snet_width``, ours), else S-Net.
 
     ``x`` ``(B, C, H, W)`` canvas slices as for :func:`lsnet_predict`; ``boxes`` ``(N, 4)`` ``(x0, y0,
     x1, y1)`` in pixels of ``x``; ``batch`` ``(N,)`` slice of each box.  The RoI sampled is the box
@@ -152,7 +154,7 @@ def box_prompt_predict(model, x: torch.Tensor, boxes: torch.Tensor, batch: torch
         return torch.zeros(b, *out_hw, device=x.device)
     lnet_hw = (x.shape[-2] // f, x.shape[-1] // f)
     theta = theta_from_xyxy(boxes.float() / f, lnet_hw, c.alpha)
-    return snet_on_rois(model, x, theta, batch, out_hw, scale, autocast)
+    return snet_on_rois(model, x, theta, batch, out_hw, scale, autocast, box_prompt_snet(model))
 
 
 class Segmenter:
